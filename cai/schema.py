@@ -1,0 +1,211 @@
+"""The store's schema as numbered migrations. Never edit a released migration: add a new one.
+
+Conventions: ``*_id`` keys are content hashes (see ``store.content_hash``), ``params`` columns
+hold the JSON of whatever shaped the row (sampling parameters, hyper-parameters), ``run_id``
+points at the ``runs`` row of the stage invocation that wrote it.
+"""
+
+from __future__ import annotations
+
+_V1_TABLES = [
+    """
+    CREATE TABLE runs (
+        run_id VARCHAR PRIMARY KEY,
+        stage VARCHAR NOT NULL,
+        status VARCHAR NOT NULL,            -- running | ok | failed | interrupted
+        started_at TIMESTAMP,
+        finished_at TIMESTAMP,
+        params JSON,
+        summary JSON,
+        error VARCHAR,
+        cai_version VARCHAR,
+        host VARCHAR
+    )""",
+    """
+    CREATE TABLE constitutions (
+        constitution_hash VARCHAR PRIMARY KEY,
+        name VARCHAR NOT NULL,
+        version VARCHAR,
+        path VARCHAR,
+        yaml_text VARCHAR,
+        created_at TIMESTAMP
+    )""",
+    """
+    CREATE TABLE principles (
+        constitution_hash VARCHAR NOT NULL,
+        principle_id VARCHAR NOT NULL,
+        critique VARCHAR,
+        revision VARCHAR,
+        judge VARCHAR,
+        weight DOUBLE,
+        tags VARCHAR[],
+        PRIMARY KEY (constitution_hash, principle_id)
+    )""",
+    """
+    CREATE TABLE prompts (
+        prompt_id VARCHAR PRIMARY KEY,      -- hash of the messages
+        messages JSON NOT NULL,             -- [{"role": ..., "content": ...}, ...]
+        prompt_text VARCHAR,                -- the last user message, for reading
+        external_id VARCHAR,                -- the "id" field of the source file, if any
+        category VARCHAR,
+        tags VARCHAR[],
+        split VARCHAR,                      -- train | test (held out for evaluation)
+        source VARCHAR,
+        source_line INTEGER,
+        meta JSON,
+        run_id VARCHAR,
+        created_at TIMESTAMP
+    )""",
+    """
+    CREATE TABLE models (
+        model_id VARCHAR PRIMARY KEY,
+        kind VARCHAR NOT NULL,              -- base | policy | reward | value
+        path VARCHAR,
+        base_model_id VARCHAR,
+        parent_ids VARCHAR[],
+        params JSON,
+        data_snapshot JSON,
+        run_id VARCHAR,
+        created_at TIMESTAMP
+    )""",
+    """
+    CREATE TABLE generations (
+        generation_id VARCHAR PRIMARY KEY,  -- hash(prompt, model, params, sample_index)
+        prompt_id VARCHAR NOT NULL,
+        stage VARCHAR NOT NULL,             -- initial | eval | rollout
+        model_id VARCHAR NOT NULL,
+        engine VARCHAR,
+        sample_index INTEGER,
+        seed BIGINT,
+        params JSON,
+        params_hash VARCHAR,
+        text VARCHAR,
+        token_ids INTEGER[],
+        logprobs FLOAT[],
+        num_tokens INTEGER,
+        finish_reason VARCHAR,
+        run_id VARCHAR,
+        created_at TIMESTAMP
+    )""",
+    """
+    CREATE TABLE revisions (
+        revision_id VARCHAR PRIMARY KEY,
+        generation_id VARCHAR NOT NULL,
+        round INTEGER NOT NULL,             -- 1, 2, ...
+        principle_id VARCHAR,
+        constitution_hash VARCHAR,
+        critique_request VARCHAR,
+        critique VARCHAR,
+        revision_request VARCHAR,
+        revision VARCHAR,                   -- cleaned text
+        raw_revision VARCHAR,               -- what the model wrote
+        status VARCHAR,                     -- ok | empty | unchanged | too_long | ...
+        reason VARCHAR,
+        model_id VARCHAR,
+        engine VARCHAR,
+        seed BIGINT,
+        params JSON,
+        run_id VARCHAR,
+        created_at TIMESTAMP
+    )""",
+    """
+    CREATE TABLE comparisons (
+        comparison_id VARCHAR PRIMARY KEY,
+        prompt_id VARCHAR NOT NULL,
+        pair_kind VARCHAR,                  -- initial_vs_revised | two_samples | ...
+        response_a_id VARCHAR,
+        response_b_id VARCHAR,
+        response_a VARCHAR,
+        response_b VARCHAR,
+        principle_ids VARCHAR[],
+        constitution_hash VARCHAR,
+        judge_name VARCHAR,
+        judge_spec_hash VARCHAR,
+        judge_model_id VARCHAR,
+        method VARCHAR,
+        p_a_first DOUBLE,                   -- P(A better) with A shown first
+        p_a_swapped DOUBLE,                 -- P(A better) with A shown second
+        p_a DOUBLE,                         -- final soft label: P(response_a is better)
+        position_consistent BOOLEAN,
+        raw_output JSON,
+        status VARCHAR,
+        reason VARCHAR,
+        seed BIGINT,
+        params JSON,
+        run_id VARCHAR,
+        created_at TIMESTAMP
+    )""",
+    """
+    CREATE TABLE metrics (
+        run_id VARCHAR NOT NULL,
+        model_id VARCHAR,
+        step INTEGER NOT NULL,
+        split VARCHAR NOT NULL DEFAULT 'train',
+        name VARCHAR NOT NULL,
+        value DOUBLE,
+        created_at TIMESTAMP,
+        PRIMARY KEY (run_id, step, split, name)
+    )""",
+    """
+    CREATE TABLE evaluations (
+        evaluation_id VARCHAR PRIMARY KEY,
+        kind VARCHAR NOT NULL,              -- judge_quality | reward_model | policy
+        subject_id VARCHAR,                 -- judge spec hash or model id being evaluated
+        baseline_id VARCHAR,
+        dataset VARCHAR,
+        metric VARCHAR NOT NULL,
+        value DOUBLE,
+        details JSON,
+        run_id VARCHAR,
+        created_at TIMESTAMP
+    )""",
+]
+
+_V1_VIEWS = [
+    # Final revision of every initial generation: the SL-CAI training pairs.
+    """
+    CREATE OR REPLACE VIEW sl_cai AS
+    SELECT p.prompt_id, p.prompt_text AS prompt, p.messages, g.generation_id, g.text AS initial_response,
+           r.revision AS revision, r.round AS rounds, r.principle_id AS last_principle_id,
+           r.constitution_hash, r.model_id
+    FROM revisions r
+    JOIN generations g USING (generation_id)
+    JOIN prompts p USING (prompt_id)
+    WHERE r.status = 'ok'
+    QUALIFY row_number() OVER (PARTITION BY r.generation_id ORDER BY r.round DESC) = 1
+    """,
+    # Comparisons as (chosen, rejected). Ties (p_a = 0.5 exactly) are dropped: they carry no preference.
+    """
+    CREATE OR REPLACE VIEW preferences AS
+    SELECT c.comparison_id, c.prompt_id, p.prompt_text AS prompt, p.messages,
+           CASE WHEN c.p_a > 0.5 THEN c.response_a ELSE c.response_b END AS chosen,
+           CASE WHEN c.p_a > 0.5 THEN c.response_b ELSE c.response_a END AS rejected,
+           greatest(c.p_a, 1 - c.p_a) AS probability,
+           c.principle_ids, c.judge_name, c.judge_spec_hash, c.judge_model_id, c.constitution_hash,
+           c.pair_kind, c.position_consistent
+    FROM comparisons c JOIN prompts p USING (prompt_id)
+    WHERE c.status = 'ok' AND c.p_a IS NOT NULL AND c.p_a <> 0.5
+    """,
+    """
+    CREATE OR REPLACE VIEW judge_quality AS
+    SELECT subject_id AS judge_spec_hash, dataset, metric, value, details, run_id, created_at
+    FROM evaluations WHERE kind = 'judge_quality'
+    """,
+    """
+    CREATE OR REPLACE VIEW training_curves AS
+    SELECT m.run_id, r.stage, m.model_id, m.step, m.split, m.name AS metric, m.value, m.created_at
+    FROM metrics m LEFT JOIN runs r USING (run_id)
+    """,
+    # Everything an initial generation became, for reading side by side.
+    """
+    CREATE OR REPLACE VIEW generations_readable AS
+    SELECT g.generation_id, p.category, p.prompt_text AS prompt, g.text AS response, g.model_id, g.engine,
+           g.sample_index, g.num_tokens, g.finish_reason, g.run_id
+    FROM generations g JOIN prompts p USING (prompt_id)
+    """,
+]
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, _V1_TABLES + _V1_VIEWS),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
