@@ -22,8 +22,9 @@ app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 app.add_typer(constitution_app, name="constitution")
 
-console = Console()
-err = Console(stderr=True)
+# Piped output (files, CI logs, tests) gets a wide console instead of rich's default 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=200)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
 
 DbOption = Annotated[Path | None, typer.Option("--db", help="DuckDB file (default: $CAI_DB or data/cai.duckdb).",
                                                envvar="CAI_DB", show_default=False)]
@@ -118,7 +119,8 @@ def db_info(db: DbOption = None) -> None:
         info = store.info()
     except StoreLockedError as e:
         fail(str(e))
-    console.print(f"[bold]{info['path']}[/]  schema version {info['schema_version']}, {info['bytes'] / 1e6:.1f} MB")
+    console.print(f"[bold]{info['path']}[/]  schema version {info['schema_version']}, {info['bytes'] / 1e6:.1f} MB",
+                  soft_wrap=True)
     print_rows(info["tables"])
 
 

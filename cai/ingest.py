@@ -36,7 +36,7 @@ class BadRecord:
 class IngestError(ValueError):
     def __init__(self, path: str, bad: list[BadRecord]):
         self.path, self.bad = path, bad
-        shown = "\n".join(f"{path}:{b}" if b.unit == "line" else f"{path}: {b}" for b in bad[:50])
+        shown = "\n".join(f"{path}:{b.line}: {b.reason}" if b.unit == "line" else f"{path}: {b}" for b in bad[:50])
         more = f"\n... and {len(bad) - 50} more" if len(bad) > 50 else ""
         super().__init__(
             f"{len(bad)} bad record(s) in {path}; nothing was written. Fix them, or pass --skip-invalid "

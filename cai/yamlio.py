@@ -48,6 +48,9 @@ def field_name(loc: Loc) -> str:
     return out
 
 
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap"}
+
+
 class _LineTracker:
     def __init__(self, text: str, file: str):
         self.file = file
@@ -66,6 +69,10 @@ class _LineTracker:
             self._loader.dispose()
 
     def _build(self, node: yaml.Node, loc: Loc) -> Any:
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode) and node.tag not in _PLAIN_TAGS:
+            # Safe loading: custom tags (e.g. !!python/object) are refused, never constructed.
+            raise yaml.constructor.ConstructorError(None, None, f"unsupported YAML tag {node.tag!r}",
+                                                    node.start_mark)
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:

@@ -1,0 +1,42 @@
+import time
+
+import pytest
+
+from cai import models
+
+
+def test_pull_is_instant_once_materialised(smol_path):
+    t0 = time.time()
+    path = models.pull(models.DEFAULT_MODEL)
+    assert time.time() - t0 < 1.0
+    assert str(path) == smol_path
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"]:
+        assert (path / f).exists(), f
+
+
+def test_materialised_checkpoint_is_plain_and_chats(smol_path):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((models.builtin_path(models.DEFAULT_MODEL) / "config.json").read_text())
+    assert "quantization_config" not in config  # an ordinary checkpoint that vLLM and peft accept
+    tok = AutoTokenizer.from_pretrained(smol_path)
+    model = AutoModelForCausalLM.from_pretrained(smol_path)
+    x = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**x, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0][x["input_ids"].shape[1]:])
+
+
+def test_resolve_names_paths_and_errors(tmp_path, monkeypatch, tiny_policy_dir):
+    assert models.resolve(str(tiny_policy_dir)) == str(tiny_policy_dir.resolve())
+    assert models.resolve("org/name") == "org/name"  # a hub id is passed through
+    with pytest.raises(models.ModelNotFoundError, match="not a Hugging Face model folder"):
+        models.resolve(str(tmp_path))
+    with pytest.raises(models.ModelNotFoundError, match="cai models list"):
+        models.resolve("no-such-model")
+    monkeypatch.setenv("CAI_MODELS_DIR", str(tmp_path / "empty-cache"))
+    with pytest.raises(models.ModelNotFoundError, match="cai models pull smollm2-135m-instruct"):
+        models.resolve(models.DEFAULT_MODEL)
+    assert "not pulled" in models.list_models()[0]["status"]
