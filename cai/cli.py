@@ -248,6 +248,358 @@ def generate(db: DbOption = None,
     console.print_json(json.dumps(summary))
 
 
+# ---- judging: judge specs, `cai label`, `cai judge-eval`, `cai export` (issue 4) -------------
+judge_app = typer.Typer(help="Judge spec files (judges/*.yaml): lint, show, JSON Schema.", no_args_is_help=True)
+app.add_typer(judge_app, name="judge")
+
+
+@judge_app.command("lint")
+def judge_lint(files: Annotated[list[Path], typer.Argument(help="Judge spec YAML files.")]) -> None:
+    """Report every problem in judge spec files as file:line: field: message."""
+    from cai.judge_spec import lint
+
+    total = 0
+    for f in files:
+        problems = lint(f)
+        total += len(problems)
+        for p in problems:
+            err.print(str(p), markup=False, highlight=False, soft_wrap=True)
+        if not problems:
+            console.print(f"{f}: ok")
+    if total:
+        raise typer.Exit(1)
+
+
+@judge_app.command("schema")
+def judge_schema(out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None
+                 ) -> None:
+    """The JSON Schema of judge spec files."""
+    from cai.judge_spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if out:
+        out.write_text(text + "\n")
+        console.print(f"wrote {out}")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+@judge_app.command("show")
+def judge_show(spec: Annotated[str, typer.Argument(help="Judge spec: path or name under judges/.")] =
+               "multiple-choice",
+               model: Annotated[str | None, typer.Option(help="Tokenizer of this model (default: the spec's).")]
+               = None) -> None:
+    """The validated spec, its hash, and the answer tokens it reads with the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from cai.judge import spec_answer_tokens
+    from cai.judge_spec import resolve_judge_spec
+    from cai.label import load_spec
+    from cai.models import ModelNotFoundError, resolve
+    from cai.yamlio import SpecError
+
+    try:
+        s = load_spec(spec)
+        path = resolve(model or s.model)
+    except (SpecError, FileNotFoundError, ModelNotFoundError) as e:
+        fail(str(e))
+    answer = spec_answer_tokens(s, AutoTokenizer.from_pretrained(path))
+    console.print(f"[bold]{s.name}[/] ({resolve_judge_spec(spec)}): method {s.method}, hash {s.hash}")
+    console.print_json(json.dumps(s.model_dump(mode="json")))
+    rows = [{"option": o, "token_ids": answer.tokens[o], "tokens": answer.pieces[o]} for o in answer.options]
+    print_rows(rows, title=f"answer tokens after {s.prompt.answer_prefix!r} ({model or s.model})")
+
+
+@app.command("label")
+def label(db: DbOption = None,
+          judge: Annotated[str, typer.Option(help="Judge spec: path or name under judges/.")] = "multiple-choice",
+          constitution: Annotated[str, typer.Option(help="Constitution: path or name.")] = "harmless",
+          pairs: Annotated[str, typer.Option(help="Comma-separated: initial_vs_revised, two_samples.")]
+          = "initial_vs_revised,two_samples",
+          model: Annotated[str | None, typer.Option(help="Judge model (default: the spec's).")] = None,
+          engine: Annotated[str | None, typer.Option(help="transformers | vllm | openai (default: the spec's).")]
+          = None,
+          base_url: Annotated[str | None, typer.Option(help="Server URL for --engine openai.")] = None,
+          split: Annotated[str | None, typer.Option(help="train | test")] = None,
+          limit: Annotated[int | None, typer.Option(help="At most this many pairs.")] = None,
+          batch_size: Annotated[int, typer.Option(help="Pairs per engine call and per write.")] = 32,
+          seed: Annotated[int, typer.Option(help="Seeds the principle draw per pair.")] = 0) -> None:
+    """Label pairs of responses with an AI judge into `comparisons` (resumable)."""
+    from pydantic import ValidationError
+
+    from cai.label import LabelConfig, run_label
+    from cai.models import ModelNotFoundError
+    from cai.yamlio import SpecError
+
+    try:
+        cfg = LabelConfig(judge=judge, constitution=constitution,
+                          pairs=[p.strip() for p in pairs.split(",") if p.strip()], model=model, engine=engine,
+                          engine_options={"base_url": base_url} if base_url else {}, split=split, limit=limit,
+                          batch_size=batch_size, seed=seed)
+    except ValidationError as e:
+        fail("; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))
+    try:
+        summary = run_label(_store(db), cfg)
+    except (SpecError, FileNotFoundError, ModelNotFoundError, LookupError, StoreLockedError) as e:
+        fail(str(e))
+    console.print_json(json.dumps(summary))
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+@app.command("judge-eval")
+def judge_eval(file: Annotated[Path, typer.Argument(help="JSONL of human-labelled pairs: prompt, chosen, rejected.")],
+               db: DbOption = None,
+               spec: Annotated[str, typer.Option(help="Judge spec: path or name under judges/.")] = "multiple-choice",
+               engine: Annotated[str | None, typer.Option(help="transformers | vllm | openai (default: the spec's).")]
+               = None,
+               model: Annotated[str | None, typer.Option(help="Judge model (default: the spec's).")] = None,
+               base_url: Annotated[str | None, typer.Option(help="Server URL for --engine openai.")] = None,
+               constitution: Annotated[str | None, typer.Option(
+                   help="Judge by this constitution's principles (default: the spec's default question).")] = None,
+               limit: Annotated[int | None, typer.Option(help="Only the first N pairs.")] = None,
+               batch_size: Annotated[int, typer.Option(help="Pairs per engine call.")] = 64,
+               seed: int = 0,
+               out_dir: Annotated[Path, typer.Option(help="Where the reliability plot and per-item JSONL go.")]
+               = Path("data/runs/judge-eval")) -> None:
+    """How well a judge agrees with people: agreement, position consistency, calibration, invalid rate."""
+    from cai.constitution import load_constitution, resolve_constitution
+    from cai.judge_eval import run_judge_eval
+    from cai.label import judge_engine, load_spec, principle_refs
+    from cai.models import ModelNotFoundError
+    from cai.yamlio import SpecError
+
+    store = _store(db)
+    try:
+        s = load_spec(spec)
+        from cai.models import resolve_in_store
+
+        model_id, path = resolve_in_store(store, model or s.model)
+        principles = chash = None
+        if constitution:
+            c = load_constitution(resolve_constitution(constitution))
+            principles, chash = principle_refs(c), c.hash
+            store.register_constitution(c)
+        kind = engine or s.engine
+        eng = judge_engine(s, path, kind, {"base_url": base_url} if base_url else {})
+        report = run_judge_eval(store, file, s, eng, model_id=model_id, engine_kind=kind, principles=principles,
+                                constitution_hash=chash, limit=limit, batch_size=batch_size, seed=seed,
+                                out_dir=out_dir)
+    except (SpecError, FileNotFoundError, ModelNotFoundError, LookupError, StoreLockedError) as e:
+        fail(str(e))
+    m = report.metrics
+    table = Table(title=f"judge {report.judge} ({report.method}, spec {report.spec_hash}) — {report.model_id} via "
+                        f"{report.engine} — {Path(report.dataset).name}, {report.n} pairs", show_lines=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("meaning", style="dim")
+    explain = [
+        ("agreement", "final label prefers the human's choice (valid pairs; a 0.5 tie counts half)"),
+        ("agreement_first_ordering", "one ordering only (A shown first; A is the human's pick half the time)"),
+        ("agreement_swapped_ordering", "one ordering only (A shown second)"),
+        ("agreement_all_items", "invalid pairs counted as a coin flip"),
+        ("position_consistency", "both orderings prefer the same response"),
+        ("first_position_rate", "answers that pick whichever is shown first (0.5 = unbiased)"),
+        ("brier", "mean (P(A better) - human)^2; 0.25 = always 0.5"),
+        ("brier_first_ordering", "Brier of the first ordering alone"),
+        ("ece", "expected calibration error, 10 bins"),
+        ("ece_first_ordering", "ECE of the first ordering alone"),
+        ("mean_confidence", "mean max(P, 1 - P)"),
+        ("invalid_rate", "pairs with no valid label"),
+        ("n_valid", "pairs with a valid label"),
+    ]
+    for key, meaning in explain:
+        if key in m:
+            table.add_row(key, _fmt(m[key]), meaning)
+    console.print(table)
+    if report.invalid_reasons:
+        console.print("invalid: " + ", ".join(f"{k} {v}" for k, v in sorted(report.invalid_reasons.items())))
+    if report.per_principle:
+        print_rows([{k: _fmt(v) for k, v in r.items()} for r in report.per_principle], title="per principle")
+    console.print(f"{report.pairs_per_second} pairs/s ({report.seconds:.1f}s in all); "
+                  f"answer tokens {report.details['answer_tokens']}")
+    console.print(f"reliability plot: {report.plot}\nper-item results: {report.items_file}\n"
+                  f"{report.evaluation_rows} rows written to evaluations in {store.path} "
+                  f"(`cai sql \"select metric, value from judge_quality where judge_spec_hash = '{report.spec_hash}'\"`)",
+                  soft_wrap=True, markup=False, highlight=False)
+
+
+@app.command("export")
+def export(out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .jsonl or .parquet.")],
+           db: DbOption = None,
+           format: Annotated[str, typer.Option("--format", "-f", help="trl: prompt/chosen/rejected preference data.")]
+           = "trl",
+           style: Annotated[str, typer.Option(help="conversational (message lists) | standard (plain text)")]
+           = "conversational",
+           judge: Annotated[str | None, typer.Option(help="Only this judge (name or spec hash).")] = None,
+           pair_kind: Annotated[str | None, typer.Option(help="initial_vs_revised | two_samples")] = None,
+           min_probability: Annotated[float, typer.Option(help="Only pairs with P(chosen better) >= this.")] = 0.5,
+           consistent_only: Annotated[bool, typer.Option(help="Only position-consistent comparisons.")] = False,
+           minimal: Annotated[bool, typer.Option(help="Only prompt/chosen/rejected columns.")] = False) -> None:
+    """Export preference pairs (the `preferences` view) for TRL / Hugging Face datasets."""
+    from cai.export import export_trl
+
+    if format != "trl":
+        fail(f"unknown --format {format!r}; use trl")
+    if style not in ("conversational", "standard"):
+        fail(f"unknown --style {style!r}; use conversational or standard")
+    store = _store(db)
+    if not store.path.exists():
+        fail(f"{store.path} does not exist yet")
+    try:
+        n = export_trl(store, out, style=style, judge=judge, pair_kind=pair_kind, min_probability=min_probability,
+                       consistent_only=consistent_only, minimal=minimal)
+    except (ValueError, StoreLockedError) as e:
+        fail(str(e))
+    console.print(f"wrote {n} preference pairs to {out}")
+
+
+# ---- reward model: `cai train-rm`, `cai rm score`, `cai rm eval` (issue 5) ------------------
+rm_app = typer.Typer(help="Reward models: score (prompt, response) rows, evaluate on human-labelled pairs.",
+                     no_args_is_help=True)
+app.add_typer(rm_app, name="rm")
+
+
+@app.command("train-rm")
+def train_rm(db: DbOption = None,
+             base_model: Annotated[str | None, typer.Option(help="Built-in name, store model id or HF folder "
+                                                            "(default: the embedded policy model).")] = None,
+             model_id: Annotated[str | None, typer.Option(help="Id of the new model (default: rm-<hash>).")] = None,
+             output_dir: Annotated[Path | None, typer.Option(help="Model folder (default: <db dir>/models/<id>).")]
+             = None,
+             judge: Annotated[str | None, typer.Option(help="Only comparisons of this judge spec hash.")] = None,
+             constitution: Annotated[str | None, typer.Option(help="Only comparisons under this constitution hash.")]
+             = None,
+             pair_kind: Annotated[str | None, typer.Option(help="Only comparisons of this pair kind.")] = None,
+             min_confidence: Annotated[float | None, typer.Option(help="Drop labels with max(p, 1-p) below this.")]
+             = None,
+             limit: Annotated[int | None, typer.Option(help="At most this many comparisons.")] = None,
+             val_fraction: Annotated[float | None, typer.Option(help="Share of prompts for validation.")] = None,
+             max_length: Annotated[int | None, typer.Option(help="Tokens per sequence (left-truncated).")] = None,
+             hard_labels: Annotated[bool | None, typer.Option("--hard-labels/--soft-labels",
+                                                              help="Train on 1[p>0.5] instead of p.")] = None,
+             margin: Annotated[float | None, typer.Option(help="Margin, scaled by the label's confidence.")] = None,
+             center_coef: Annotated[float | None, typer.Option(help="Reward-centring penalty weight.")] = None,
+             lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 1e-5; 2e-4 with LoRA).")]
+             = None,
+             batch_size: Annotated[int | None, typer.Option(help="Pairs per micro-batch.")] = None,
+             grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+             epochs: Annotated[int | None, typer.Option()] = None,
+             max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
+             seed: Annotated[int | None, typer.Option()] = None,
+             lora: Annotated[bool | None, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")]
+             = None,
+             lora_r: Annotated[int | None, typer.Option()] = None,
+             gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing")] = None,
+             mixed_precision: Annotated[str | None, typer.Option(help="auto | no | bf16")] = None,
+             device: Annotated[str | None, typer.Option(help="cuda | cpu (default: cuda if available).")] = None,
+             eval_every: Annotated[int | None, typer.Option(help="Steps between validation passes.")] = None,
+             save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+             stop_after: Annotated[int | None, typer.Option(help="Checkpoint and stop after this many steps; "
+                                                            "the same command resumes.")] = None,
+             config: Annotated[Path | None, typer.Option(help="YAML/JSON file of RewardConfig fields "
+                                                         "(options given here win).")] = None) -> None:
+    """Train a reward model on the judge's soft labels (comparisons in the store); resumes if interrupted."""
+    from pydantic import ValidationError
+
+    from cai.models import ModelNotFoundError
+    from cai.reward import RewardConfig, train_reward
+
+    options = dict(base_model=base_model, model_id=model_id, output_dir=str(output_dir) if output_dir else None,
+                   judge_spec_hash=judge, constitution_hash=constitution, pair_kind=pair_kind,
+                   min_confidence=min_confidence, limit=limit, val_fraction=val_fraction, max_length=max_length,
+                   hard_labels=hard_labels, margin=margin, center_coef=center_coef, lr=lr, batch_size=batch_size,
+                   grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, seed=seed, lora=lora, lora_r=lora_r,
+                   gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, device=device,
+                   eval_every=eval_every, save_every=save_every)
+    values: dict = {}
+    if config:
+        import yaml
+
+        if not config.exists():
+            fail(f"{config}: no such file")
+        values = yaml.safe_load(config.read_text()) or {}
+        if not isinstance(values, dict):
+            fail(f"{config}: expected a mapping of RewardConfig fields")
+    values |= {k: v for k, v in options.items() if v is not None}
+    try:
+        cfg = RewardConfig(**values)
+    except ValidationError as e:
+        fail("; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))
+    try:
+        summary = train_reward(_store(db), cfg, stop_after_steps=stop_after)
+    except (ModelNotFoundError, LookupError, StoreLockedError, RuntimeError, ValueError) as e:
+        fail(str(e))
+    console.print_json(json.dumps(summary, default=str))
+
+
+@rm_app.command("score")
+def rm_score(model: Annotated[str, typer.Option(help="Reward model: store model id or folder.")],
+             file: Annotated[Path | None, typer.Argument(help="JSONL: prompt (or messages) and response, or "
+                                                         "chosen/rejected pairs. Without it: rows of the store.")]
+             = None,
+             db: DbOption = None,
+             sql: Annotated[str | None, typer.Option(help="Store query returning messages (or prompt) and "
+                                                   "response (default: every generation).")] = None,
+             out: Annotated[Path | None, typer.Option(help="Write JSONL with the rewards here.")] = None,
+             limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
+             batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 16,
+             raw: Annotated[bool, typer.Option(help="Do not subtract the stored offset.")] = False) -> None:
+    """Score (prompt, response) rows from a file or the store with a reward model."""
+    import statistics
+
+    from cai.models import ModelNotFoundError
+    from cai.rm import PairsFileError, RewardModel, score_file, score_store
+
+    store = _store(db)
+    try:
+        rm = RewardModel.load(model, store=store)
+        if raw:
+            rm.offset = 0.0
+        rows = (score_file(rm, file, limit=limit, batch_size=batch_size) if file
+                else score_store(rm, store, sql=sql, limit=limit, batch_size=batch_size))
+    except (ModelNotFoundError, PairsFileError, FileNotFoundError, ValueError, StoreLockedError) as e:
+        fail(str(e))
+    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+    keys = [k for k in ("reward", "reward_chosen", "reward_rejected") if rows and k in rows[0]]
+    if out:
+        out.write_text(text)
+        console.print(f"wrote {len(rows)} scored rows to {out}")
+    elif not sys.stdout.isatty():
+        sys.stdout.write(text)
+        return
+    else:
+        print_rows([{"id": r.get("id"), **{k: round(r[k], 4) for k in keys}} for r in rows[:50]])
+    for k in keys:
+        vals = [r[k] for r in rows]
+        err.print(f"{k}: n={len(vals)} mean={statistics.fmean(vals):.4f} "
+                  f"std={statistics.pstdev(vals):.4f} min={min(vals):.4f} max={max(vals):.4f}")
+
+
+@rm_app.command("eval")
+def rm_eval(file: Annotated[Path, typer.Argument(help="JSONL of human-labelled pairs: prompt, chosen, rejected "
+                                                 "(the judge-eval format).")],
+            model: Annotated[str, typer.Option(help="Reward model: store model id or folder.")],
+            db: DbOption = None,
+            limit: Annotated[int | None, typer.Option(help="Only the first N pairs.")] = None,
+            batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 16) -> None:
+    """Accuracy of a reward model on human-labelled pairs (r(chosen) > r(rejected)); saved to `evaluations`."""
+    from cai.models import ModelNotFoundError
+    from cai.rm import PairsFileError, evaluate_human_pairs
+
+    try:
+        summary = evaluate_human_pairs(_store(db), model, file, limit=limit, batch_size=batch_size)
+    except (ModelNotFoundError, PairsFileError, FileNotFoundError, StoreLockedError) as e:
+        fail(str(e))
+    console.print_json(json.dumps(summary, default=str))
+
+
 def main() -> None:
     app()
 

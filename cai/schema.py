@@ -122,14 +122,17 @@ _V1_TABLES = [
         judge_name VARCHAR,
         judge_spec_hash VARCHAR,
         judge_model_id VARCHAR,
-        method VARCHAR,
-        p_a_first DOUBLE,                   -- P(A better) with A shown first
-        p_a_swapped DOUBLE,                 -- P(A better) with A shown second
-        p_a DOUBLE,                         -- final soft label: P(response_a is better)
-        position_consistent BOOLEAN,
-        raw_output JSON,
-        status VARCHAR,
-        reason VARCHAR,
+        judge_engine VARCHAR,               -- transformers | vllm | openai (not part of the id)
+        method VARCHAR,                     -- multiple_choice | cot | score
+        p_a_first DOUBLE,                   -- P(A better) with A shown first (mean over principles)
+        p_a_swapped DOUBLE,                 -- P(A better) with A shown second (NULL: one ordering)
+        p_a DOUBLE,                         -- final soft label: P(response_a is better), cot clamped
+        position_consistent BOOLEAN,        -- both orderings prefer the same response
+        score_a DOUBLE,                     -- score method: direct reward of response_a in [-1, 1]
+        score_b DOUBLE,
+        raw_output JSON,                    -- per principle: option probabilities, labels, cot reasoning
+        status VARCHAR,                     -- ok | invalid
+        reason VARCHAR,                     -- invalid: both_tokens_improbable | rating_tokens_improbable | refusal | unparsable
         seed BIGINT,
         params JSON,
         run_id VARCHAR,
@@ -145,6 +148,23 @@ _V1_TABLES = [
         value DOUBLE,
         created_at TIMESTAMP,
         PRIMARY KEY (run_id, step, split, name)
+    )""",
+    # Sample responses a training run (PPO) wrote every few steps, to read how the policy drifts.
+    """
+    CREATE TABLE samples (
+        sample_id VARCHAR PRIMARY KEY,      -- hash(run_id, step, split, index)
+        run_id VARCHAR NOT NULL,
+        model_id VARCHAR,
+        step INTEGER NOT NULL,
+        split VARCHAR,                      -- train (rollouts) | test (held-out prompts)
+        prompt_id VARCHAR,
+        prompt VARCHAR,
+        response VARCHAR,
+        reward DOUBLE,                      -- the reward's score, before KL penalty and shaping
+        kl DOUBLE,                          -- sum over tokens of log pi - log pi_ref
+        num_tokens INTEGER,
+        finish_reason VARCHAR,              -- stop | length
+        created_at TIMESTAMP
     )""",
     """
     CREATE TABLE evaluations (
@@ -174,15 +194,21 @@ _V1_VIEWS = [
     WHERE r.status = 'ok'
     QUALIFY row_number() OVER (PARTITION BY r.generation_id ORDER BY r.round DESC) = 1
     """,
-    # Comparisons as (chosen, rejected). Ties (p_a = 0.5 exactly) are dropped: they carry no preference.
+    # Comparisons as (chosen, rejected). The tie rule: chosen is response_a when p_a > 0.5 and
+    # response_b when p_a < 0.5; p_a = 0.5 exactly carries no preference and is left out (as are
+    # invalid comparisons). probability = P(chosen is better) = max(p_a, 1 - p_a), in (0.5, 1].
     """
     CREATE OR REPLACE VIEW preferences AS
     SELECT c.comparison_id, c.prompt_id, p.prompt_text AS prompt, p.messages,
            CASE WHEN c.p_a > 0.5 THEN c.response_a ELSE c.response_b END AS chosen,
            CASE WHEN c.p_a > 0.5 THEN c.response_b ELSE c.response_a END AS rejected,
+           CASE WHEN c.p_a > 0.5 THEN c.response_a_id ELSE c.response_b_id END AS chosen_id,
+           CASE WHEN c.p_a > 0.5 THEN c.response_b_id ELSE c.response_a_id END AS rejected_id,
            greatest(c.p_a, 1 - c.p_a) AS probability,
+           CASE WHEN c.p_a > 0.5 THEN c.score_a ELSE c.score_b END AS score_chosen,
+           CASE WHEN c.p_a > 0.5 THEN c.score_b ELSE c.score_a END AS score_rejected,
            c.principle_ids, c.judge_name, c.judge_spec_hash, c.judge_model_id, c.constitution_hash,
-           c.pair_kind, c.position_consistent
+           c.method, c.pair_kind, c.position_consistent, c.run_id, c.created_at
     FROM comparisons c JOIN prompts p USING (prompt_id)
     WHERE c.status = 'ok' AND c.p_a IS NOT NULL AND c.p_a <> 0.5
     """,

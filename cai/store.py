@@ -111,14 +111,23 @@ class Store:
 
     @contextmanager
     def read(self, timeout: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection (waits briefly for a writer to let go)."""
-        if not self.path.exists():
+        """A read-only connection (waits briefly for a writer to let go). Never takes the write lock,
+        except once to create or migrate a file that is missing or older than this code."""
+        if not self._migrated and (not self.path.exists() or self._file_version() < SCHEMA_VERSION):
             self.init()
-        elif not self._migrated:
-            self.init()  # make sure views and new tables exist before people query them
+        self._migrated = True
         con = self._connect(read_only=True, timeout=self.lock_timeout if timeout is None else timeout)
         try:
             yield con
+        finally:
+            con.close()
+
+    def _file_version(self) -> int:
+        con = self._connect(read_only=True, timeout=self.lock_timeout)
+        try:
+            return con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()[0][0]
+        except duckdb.CatalogException:
+            return 0
         finally:
             con.close()
 

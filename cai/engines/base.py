@@ -4,17 +4,35 @@ An engine turns chat conversations into completions (text, token ids, token log-
 and scores next-token options (for judges). Stages never know which engine they hold.
 
 All engines apply the model's chat template on the client side with the same Hugging Face
-tokenizer, so the three implementations see byte-identical prompts.
+tokenizer and send token ids (not text), so the three implementations see identical prompts.
+
+Conventions every engine follows (the contract tests in ``tests/test_engines.py`` check them):
+
+* ``Completion.token_ids`` are the generated tokens, without padding. When the model stops by
+  itself the final EOS token *is* included (its log-probability matters for training a policy to
+  stop); nothing after it is. When a stop string ends the completion, the tokens run up to and
+  including the one that completed the stop string (as vLLM does). ``Completion.text`` never
+  contains the EOS token, special tokens, or the stop string.
+* ``Completion.logprobs`` are of the model's distribution at temperature 1: ``log_softmax`` of the
+  raw logits, before temperature and top-p (vLLM: ``logprobs_mode="raw_logprobs"``). They are
+  what PPO/DPO need as reference values, whatever sampling temperature produced the tokens.
+* Seeds: sample ``j`` of request ``i`` uses ``sample_seed(params.seed, i, j)``, i.e. request
+  ``i`` uses ``seed + i`` for its first sample, so a sample does not depend on ``n``, on the batch
+  size, or on how a caller chunks its requests (as long as it offsets ``seed`` by the chunk start).
+  Each engine has its own random number generator, so the same seed gives reproducible
+  results within an engine, not identical samples across engines.
+* Greedy decoding (``temperature == 0``) with ``n > 1`` decodes once and returns ``n`` copies.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 Message = dict[str, str]
@@ -59,11 +77,26 @@ class SamplingParams:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+SAMPLE_SEED_STRIDE = 1_000_003  # a prime > any realistic number of requests in one run
+_SEED_MOD = 1 << 32
+
+
+def sample_seed(seed: int, request_index: int, sample_index: int = 0) -> int:
+    """The seed of sample ``sample_index`` of request ``request_index``, in [0, 2**32).
+
+    Sample 0 of request ``i`` uses ``seed + i``; sample ``j`` adds ``j * 1_000_003``, so samples
+    never share a seed with another request's samples while request indices stay below that
+    stride. Seeds are reduced modulo 2**32 because torch's CPU generator (mt19937), which vLLM
+    uses too, only looks at the low 32 bits: wider offsets would silently collide.
+    """
+    return (seed + request_index + sample_index * SAMPLE_SEED_STRIDE) % _SEED_MOD
+
+
 @dataclass
 class Completion:
     text: str
-    token_ids: list[int]
-    logprobs: list[float]  # log p(token_i | prefix) under the sampling model, one per token
+    token_ids: list[int]  # generated tokens; ends with EOS when the model stopped by itself
+    logprobs: list[float]  # log p(token_i | prefix) at temperature 1, one per token
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
     @property
@@ -107,8 +140,14 @@ class Engine(ABC):
         """Complete raw (already templated) prompts; ``params.n`` completions each."""
         if not prompts:
             return []
-        out = self._generate_prompts(list(prompts), params)
-        assert len(out) == len(prompts) and all(len(c) == params.n for c in out)
+        if params.greedy and params.n > 1:
+            # Greedy samples are all the same: decode once, hand out copies.
+            once = self._generate_prompts(list(prompts), replace(params, n=1))
+            out = [[c[0]] + [copy.deepcopy(c[0]) for _ in range(params.n - 1)] for c in once]
+        else:
+            out = self._generate_prompts(list(prompts), params)
+        if len(out) != len(prompts) or any(len(c) != params.n for c in out):
+            raise RuntimeError(f"{self.name} engine returned a malformed batch")
         return out
 
     @abstractmethod

@@ -1,0 +1,86 @@
+"""Engines: one interface (``Engine``), three implementations, chosen by name.
+
+``make_engine("transformers" | "hf" | "vllm" | "openai", model, **options)`` builds one;
+``get_engine`` does the same but keeps one engine per (kind, model, options) for the life of the
+process, so every stage that asks for the same model reuses the already-loaded weights.
+
+Implementations are imported lazily: importing ``cai.engines`` loads neither torch nor vLLM.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from cai.engines.base import (
+    NEG_INF,
+    Completion,
+    Conversation,
+    Engine,
+    EngineInfo,
+    Message,
+    SamplingParams,
+    sample_seed,
+)
+
+__all__ = [
+    "NEG_INF", "Completion", "Conversation", "Engine", "EngineInfo", "Message", "SamplingParams",
+    "sample_seed", "ENGINE_KINDS", "make_engine", "get_engine", "clear_engines", "engine_class",
+]
+
+# kind → (module, class); aliases map to a canonical kind.
+ENGINE_KINDS: dict[str, tuple[str, str]] = {
+    "transformers": ("cai.engines.hf", "TransformersEngine"),
+    "vllm": ("cai.engines.vllm_engine", "VLLMEngine"),
+    "openai": ("cai.engines.openai_engine", "OpenAIEngine"),
+}
+_ALIASES = {"hf": "transformers", "huggingface": "transformers", "http": "openai"}
+
+
+def canonical_kind(kind: str) -> str:
+    k = kind.strip().lower()
+    k = _ALIASES.get(k, k)
+    if k not in ENGINE_KINDS:
+        choices = ", ".join(sorted([*ENGINE_KINDS, *_ALIASES]))
+        raise ValueError(f"unknown engine kind {kind!r}; choose one of: {choices}")
+    return k
+
+
+def engine_class(kind: str) -> type[Engine]:
+    import importlib
+
+    module, cls = ENGINE_KINDS[canonical_kind(kind)]
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_engine(kind: str, model: str, **options: Any) -> Engine:
+    """A new engine of ``kind`` ("transformers"/"hf", "vllm", "openai") for ``model``."""
+    return engine_class(kind)(model, **options)
+
+
+_CACHE: dict[tuple[str, str, str], Engine] = {}
+_LOCK = threading.Lock()
+
+
+def _options_key(options: dict[str, Any]) -> str:
+    return repr(sorted((k, repr(v)) for k, v in options.items()))
+
+
+def get_engine(kind: str, model: str, **options: Any) -> Engine:
+    """The process-wide engine for these arguments, created on first use and then reused."""
+    key = (canonical_kind(kind), str(model), _options_key(options))
+    with _LOCK:
+        engine = _CACHE.get(key)
+        if engine is None:
+            engine = make_engine(key[0], model, **options)
+            _CACHE[key] = engine
+        return engine
+
+
+def clear_engines() -> None:
+    """Close and forget every cached engine (tests, or to free memory between stages)."""
+    with _LOCK:
+        engines = list(_CACHE.values())
+        _CACHE.clear()
+    for e in engines:
+        e.close()

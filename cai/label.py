@@ -1,0 +1,191 @@
+"""Stage: label pairs of responses with an AI judge (RLAIF) and write ``comparisons``.
+
+Pairs come from the store:
+
+``initial_vs_revised``
+    each initial generation (A) against its final ``ok`` revision (B) from the critique stage
+    (one pair per generation and constitution the revisions were made under);
+``two_samples``
+    samples 0 (A) and 1 (B) of the same prompt, model, sampling parameters and stage.
+
+Identical texts are skipped (no preference to learn). A comparison's id is a hash of (pair kind,
+both response ids, judge spec hash, constitution hash, judge model, seed), so a re-run skips
+what is there and a crashed run resumes; invalid comparisons are stored as such and not retried
+(a new seed or spec gives new ids). The judge engine is recorded but is not part of the id: the
+same model through transformers or vLLM is the same judge.
+
+Work goes in chunks of ``batch_size`` pairs: per chunk one batched engine call per read position
+(all pairs x principles x orderings; plus one generate call for cot) and one short write.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from cai.constitution import Constitution, load_constitution, resolve_constitution
+from cai.engines.base import Engine
+from cai.judge import Judge, PairInput, PrincipleRef
+from cai.judge_spec import JudgeSpec, load_judge_spec, resolve_judge_spec
+from cai.store import Store, content_hash, now
+
+PairKind = Literal["initial_vs_revised", "two_samples"]
+EngineKind = Literal["transformers", "vllm", "openai"]
+
+
+class LabelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    judge: str = Field("judges/multiple-choice.yaml", description="Judge spec: path or name under judges/.")
+    constitution: str = Field("constitutions/harmless.yaml", description="Path or name under constitutions/.")
+    pairs: list[PairKind] = Field(default_factory=lambda: ["initial_vs_revised", "two_samples"])
+    model: str | None = Field(None, description="Judge model; default: the spec's.")
+    engine: EngineKind | None = Field(None, description="Judge engine; default: the spec's.")
+    engine_options: dict[str, Any] = Field(default_factory=dict)
+    generation_stage: str = Field("initial", description="two_samples: generations of this stage.")
+    split: Literal["train", "test"] | None = Field(None, description="Only prompts of this split.")
+    limit: int | None = Field(None, ge=1, description="At most this many pairs (in a stable order).")
+    batch_size: int = Field(32, ge=1, description="Pairs per engine call and per write.")
+    seed: int = Field(0, description="Seeds the principle draw per pair (and cot sampling).")
+
+
+def principle_refs(constitution: Constitution) -> list[PrincipleRef]:
+    return [PrincipleRef(p.id, p.judge, p.weight) for p in constitution.principles]
+
+
+def comparison_id(pair_kind: str, prompt_id: str, a_id: str, b_id: str, spec_hash: str,
+                  constitution_hash: str | None, judge_model_id: str, seed: int) -> str:
+    return content_hash("comparison", pair_kind, prompt_id, a_id, b_id, spec_hash, constitution_hash,
+                        judge_model_id, seed)
+
+
+def select_pairs(store: Store, kinds: list[str], *, generation_stage: str = "initial",
+                 split: str | None = None) -> list[dict[str, Any]]:
+    """Candidate pairs from the store, in a stable order (kind, prompt, ids)."""
+    split_sql = " AND p.split = ?" if split else ""
+    out: list[dict[str, Any]] = []
+    if "initial_vs_revised" in kinds:
+        out += store.query(f"""
+            SELECT 'initial_vs_revised' AS pair_kind, g.prompt_id, p.messages,
+                   g.generation_id AS a_id, g.text AS a_text, r.revision_id AS b_id, r.revision AS b_text
+            FROM revisions r JOIN generations g USING (generation_id) JOIN prompts p ON p.prompt_id = g.prompt_id
+            WHERE r.status = 'ok' AND r.revision IS NOT NULL {split_sql}
+            QUALIFY row_number() OVER (PARTITION BY r.generation_id, r.constitution_hash
+                                       ORDER BY r.round DESC, r.revision_id) = 1
+            ORDER BY g.prompt_id, g.generation_id, r.revision_id""", [split] if split else [])
+    if "two_samples" in kinds:
+        out += store.query(f"""
+            SELECT 'two_samples' AS pair_kind, g0.prompt_id, p.messages,
+                   g0.generation_id AS a_id, g0.text AS a_text, g1.generation_id AS b_id, g1.text AS b_text
+            FROM generations g0
+            JOIN generations g1 ON g1.prompt_id = g0.prompt_id AND g1.model_id = g0.model_id
+                 AND g1.params_hash = g0.params_hash AND g1.stage = g0.stage AND g1.sample_index = 1
+            JOIN prompts p ON p.prompt_id = g0.prompt_id
+            WHERE g0.sample_index = 0 AND g0.stage = ? {split_sql}
+            ORDER BY g0.prompt_id, g0.generation_id""", [generation_stage, *([split] if split else [])])
+    for r in out:
+        r["messages"] = json.loads(r["messages"])
+    return out
+
+
+def load_spec(cfg_judge: str | Path) -> JudgeSpec:
+    return load_judge_spec(resolve_judge_spec(cfg_judge))
+
+
+def judge_engine(spec: JudgeSpec, model_path: str, engine: str | None = None,
+                 engine_options: dict[str, Any] | None = None) -> Engine:
+    """The judge's engine (process-cached). The spec's engine_options apply to the spec's engine only."""
+    from cai.engines import get_engine
+
+    kind = engine or spec.engine
+    base = spec.engine_options if kind == spec.engine else {}
+    return get_engine(kind, model_path, **{**base, **(engine_options or {})})
+
+
+def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Fill ``comparisons`` for the pairs in the store; returns a summary."""
+    from cai.models import resolve_in_store
+
+    started = time.time()
+    spec = load_spec(cfg.judge)
+    constitution = load_constitution(resolve_constitution(cfg.constitution))
+    engine_kind = cfg.engine or spec.engine
+    judge_model_id, judge_path = resolve_in_store(store, cfg.model or spec.model)
+
+    pairs = select_pairs(store, list(cfg.pairs), generation_stage=cfg.generation_stage, split=cfg.split)
+    summary: dict[str, Any] = {"judge": spec.name, "judge_spec_hash": spec.hash, "method": spec.method,
+                               "constitution_hash": constitution.hash, "judge_model_id": judge_model_id,
+                               "engine": engine_kind, "candidates": len(pairs)}
+    identical = [p for p in pairs if (p["a_text"] or "").strip() == (p["b_text"] or "").strip()]
+    pairs = [p for p in pairs if (p["a_text"] or "").strip() != (p["b_text"] or "").strip()]
+    if cfg.limit:
+        pairs = pairs[:cfg.limit]
+    for p in pairs:
+        p["comparison_id"] = comparison_id(p["pair_kind"], p["prompt_id"], p["a_id"], p["b_id"], spec.hash,
+                                           constitution.hash, judge_model_id, cfg.seed)
+    have = store.existing_ids("comparisons", "comparison_id", [p["comparison_id"] for p in pairs])
+    todo = [p for p in pairs if p["comparison_id"] not in have]
+    summary.update(pairs=len(pairs), identical_skipped=len(identical), already_done=len(pairs) - len(todo),
+                   labelled=0, invalid=0)
+    if not pairs and not identical:
+        raise LookupError(
+            f"no pairs to label in {store.path}: run `cai generate --n 2` (two_samples) or the critique "
+            "stage (initial_vs_revised) first")
+    if not todo:
+        summary["seconds"] = round(time.time() - started, 2)
+        return summary
+
+    run_id = store.start_run("label", {**cfg.model_dump(), "judge_spec_hash": spec.hash,
+                                       "constitution_hash": constitution.hash})
+    with store.write() as con:
+        store.register_constitution(constitution, con=con)
+        store.register_model(judge_model_id, "base", judge_path, con=con)
+    engine = engine or judge_engine(spec, judge_path, cfg.engine, cfg.engine_options)
+    judge = Judge(spec, engine, principle_refs(constitution), seed=cfg.seed)
+    params = json.dumps({"top_k": spec.top_k, "min_option_prob": spec.min_option_prob,
+                         "both_orderings": spec.both_orderings, "principles": spec.principles.model_dump(),
+                         "clamp": spec.effective_clamp,
+                         "sampling": spec.effective_sampling().model_dump() if spec.method == "cot" else None,
+                         "answer_tokens": judge.answer.pieces})
+    judge_seconds = 0.0
+    bar = tqdm(total=len(todo), desc=f"label ({spec.name}, {engine_kind})", unit="pair", disable=not progress)
+    try:
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start:start + cfg.batch_size]
+            inputs = [PairInput(p["comparison_id"], p["messages"], p["a_text"], p["b_text"]) for p in chunk]
+            t0 = time.time()
+            verdicts = judge.judge(inputs, seed_offset=cfg.seed + start)
+            judge_seconds += time.time() - t0
+            rows, stamp = [], now()
+            for p, v in zip(chunk, verdicts, strict=True):
+                rows.append({
+                    "comparison_id": p["comparison_id"], "prompt_id": p["prompt_id"], "pair_kind": p["pair_kind"],
+                    "response_a_id": p["a_id"], "response_b_id": p["b_id"],
+                    "response_a": p["a_text"], "response_b": p["b_text"],
+                    "principle_ids": v.principle_ids, "constitution_hash": constitution.hash,
+                    "judge_name": spec.name, "judge_spec_hash": spec.hash, "judge_model_id": judge_model_id,
+                    "judge_engine": engine_kind, "method": spec.method,
+                    "p_a_first": v.p_a_first, "p_a_swapped": v.p_a_swapped, "p_a": v.p_a,
+                    "position_consistent": v.position_consistent, "score_a": v.score_a, "score_b": v.score_b,
+                    "raw_output": json.dumps(v.raw), "status": v.status, "reason": v.reason,
+                    "seed": cfg.seed, "params": params, "run_id": run_id, "created_at": stamp,
+                })
+                summary["invalid"] += v.status != "ok"
+            summary["labelled"] += store.insert("comparisons", rows)
+            bar.update(len(chunk))
+    except BaseException as e:
+        store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                         summary, error=repr(e))
+        raise
+    finally:
+        bar.close()
+    summary["seconds"] = round(time.time() - started, 2)
+    summary["pairs_per_second"] = round(len(todo) / judge_seconds, 3) if judge_seconds else None
+    store.finish_run(run_id, "ok", summary)
+    return summary

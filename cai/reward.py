@@ -1,0 +1,613 @@
+"""Stage 4: train a reward model on the judge's soft preference labels (Bradley-Terry).
+
+The whole trainer is in this file and reads top to bottom:
+
+1. **data**: ``comparisons`` rows with ``status = 'ok'`` joined to their prompts; each is a pair
+   (response a, response b) with the judge's soft label ``p_a = P(a is better)``. Filters: minimum
+   confidence, judge spec, constitution, pair kind. The snapshot (ids hash, counts, judge and
+   constitution hashes) is recorded with the model.
+2. **split** by prompt: prompts are ordered by ``hash(seed, prompt_id)`` and the first
+   ``val_fraction`` of them are validation, so no prompt is on both sides.
+3. **loss**: ``BCE(sigmoid(r_a - r_b), p_a)``, i.e. ``-(p log s(d) + (1-p) log s(-d))``: a 0.55 label
+   pulls the gap towards ``logit(0.55) = 0.2``, a 0.95 label towards ``2.94``. Options: hard labels,
+   a margin, reward centring (below).
+4. **loop** (nanoGPT style): one optimizer step = ``batch_size * grad_accum`` pairs; each micro-batch
+   is one forward of ``2 * batch_size`` sequences (all a's, then all b's); the loss of a step is the
+   sum over its pairs divided by its pair count, so splitting it into micro-batches changes nothing.
+   AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast where supported.
+5. **checkpoints** every ``save_every`` steps in ``<model folder>/checkpoints/step-NNNNNN``: trainable
+   weights, optimizer, RNG states, step and the data order. The model id is a hash of the config and
+   the data, so running the same command again resumes from the last checkpoint and ends with the
+   same weights, bit for bit, as a run that was never interrupted.
+6. **finish**: evaluate, set ``offset`` = mean raw reward over the validation responses (rewards then
+   have mean 0 there), merge LoRA, save a plain HF folder + ``cai_reward.json``, register the model.
+
+Metrics go to ``metrics`` (split ``train``: loss, accuracy, lr, grad_norm per step; split ``val``:
+loss, accuracy against the judge's majority, Brier score, ECE, reward mean/std per evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from cai.models import DEFAULT_MODEL, resolve_in_store
+from cai.rm import collate, encode, load_sequence_classifier, load_tokenizer, sequence_rewards, write_meta
+from cai.store import Store, content_hash, now
+
+# Fields that change how a run is carried out but not which model comes out of it; they are left
+# out of the model id, so changing them does not start a new model (or break a resume).
+RUNTIME_FIELDS = {"model_id", "output_dir", "eval_every", "save_every", "keep_checkpoints", "log_every",
+                  "eval_batch_size", "device"}
+
+
+class RewardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # --- what to train ---
+    base_model: str = Field(DEFAULT_MODEL, description="Starting point: built-in name, store model id or HF folder.")
+    model_id: str | None = Field(None, description="Id for the new model (default: rm-<hash of config and data>).")
+    output_dir: str | None = Field(None, description="Model folder (default: <db folder>/models/<model id>).")
+    # --- data ---
+    judge_spec_hash: str | None = Field(None, description="Only comparisons labelled by this judge spec.")
+    constitution_hash: str | None = Field(None, description="Only comparisons under this constitution.")
+    pair_kind: str | None = Field(None, description="Only comparisons of this kind (e.g. initial_vs_revised).")
+    min_confidence: float = Field(0.5, ge=0.5, le=1.0,
+                                  description="Drop comparisons whose max(p_a, 1 - p_a) is below this.")
+    limit: int | None = Field(None, ge=2, description="At most this many comparisons (by id order).")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts held out for validation.")
+    max_length: int = Field(1024, ge=8, description="Tokens per sequence; longer ones lose tokens on the left.")
+    # --- objective ---
+    hard_labels: bool = Field(False, description="Train on 1[p_a > 0.5] (ties dropped) instead of p_a.")
+    margin: float = Field(0.0, ge=0.0, description="Gap the preferred response must win by, scaled by (2p-1).")
+    center_coef: float = Field(0.0, ge=0.0, description="Weight of the centring penalty (r_a + r_b)^2.")
+    # --- optimisation ---
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (default 1e-5, or 2e-4 with LoRA).")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine decay ends at lr * this.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decay on matrices (not norms or biases).")
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm (None: no clipping).")
+    batch_size: int = Field(8, ge=1, description="Pairs per micro-batch (one forward of 2x sequences).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps (overrides epochs; data repeats).")
+    seed: int = 0
+    # --- model ---
+    lora: bool = False
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | str = "all-linear"
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU that supports it, float32 elsewhere.")
+    device: str | None = Field(None, description="cuda, cpu, ... (default: cuda if available).")
+    # --- bookkeeping ---
+    eval_every: int = Field(100, ge=1, description="Steps between validation passes (and one at the end).")
+    eval_batch_size: int = Field(16, ge=1, description="Pairs per validation forward.")
+    save_every: int = Field(200, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=0, description="Checkpoints kept during training; all go once it ends.")
+    log_every: int = Field(10, ge=1, description="Steps between writes of buffered metrics to the store.")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.lora else 1e-5)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the trained weights."""
+        return {k: v for k, v in self.model_dump().items() if k not in RUNTIME_FIELDS} | {"lr": self.peak_lr}
+
+
+# =============================================================================================
+# 1. Data
+# =============================================================================================
+@dataclass(frozen=True)
+class Pair:
+    comparison_id: str
+    prompt_id: str
+    messages: list[dict[str, str]]
+    response_a: str
+    response_b: str
+    p_a: float  # the judge's P(response_a is better)
+
+
+def load_pairs(store: Store, cfg: RewardConfig) -> tuple[list[Pair], dict[str, Any]]:
+    """The training comparisons and their snapshot (what exactly the model was trained on)."""
+    where = ["c.status = 'ok'", "c.p_a IS NOT NULL", "c.response_a IS NOT NULL", "c.response_b IS NOT NULL",
+             "c.response_a <> c.response_b", "greatest(c.p_a, 1 - c.p_a) >= ?"]
+    args: list[Any] = [cfg.min_confidence]
+    if cfg.hard_labels:
+        where.append("c.p_a <> 0.5")  # a tie has no hard label
+    for column in ("judge_spec_hash", "constitution_hash", "pair_kind"):
+        if getattr(cfg, column) is not None:
+            where.append(f"c.{column} = ?")
+            args.append(getattr(cfg, column))
+    sql = ("SELECT c.comparison_id, c.prompt_id, p.messages, c.response_a, c.response_b, c.p_a, "
+           "c.judge_spec_hash, c.judge_name, c.judge_model_id, c.constitution_hash, c.pair_kind "
+           "FROM comparisons c JOIN prompts p USING (prompt_id) WHERE " + " AND ".join(where) +
+           " ORDER BY c.comparison_id")
+    if cfg.limit:
+        sql += f" LIMIT {int(cfg.limit)}"
+    rows = store.query(sql, args)
+    pairs = [Pair(r["comparison_id"], r["prompt_id"], json.loads(r["messages"]), r["response_a"], r["response_b"],
+                  min(max(float(r["p_a"]), 0.0), 1.0)) for r in rows]
+
+    def distinct(col: str) -> list[str]:
+        return sorted({r[col] for r in rows if r[col] is not None})
+
+    snapshot = {
+        "comparisons": len(pairs),
+        "comparison_ids_hash": content_hash(sorted(p.comparison_id for p in pairs)),
+        "prompts": len({p.prompt_id for p in pairs}),
+        "judge_spec_hashes": distinct("judge_spec_hash"),
+        "judge_names": distinct("judge_name"),
+        "judge_model_ids": distinct("judge_model_id"),
+        "constitution_hashes": distinct("constitution_hash"),
+        "pair_kinds": {k: sum(r["pair_kind"] == k for r in rows) for k in distinct("pair_kind")},
+        "mean_confidence": round(sum(max(p.p_a, 1 - p.p_a) for p in pairs) / max(len(pairs), 1), 4),
+        "filters": {k: getattr(cfg, k) for k in ("judge_spec_hash", "constitution_hash", "pair_kind",
+                                                 "min_confidence", "limit", "hard_labels")},
+    }
+    return pairs, snapshot
+
+
+def split_by_prompt(pairs: Sequence[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(train, validation). Prompts are ranked by a seeded hash and the first ``val_fraction`` of them
+    go to validation with all their pairs; a prompt's side depends only on (seed, prompt id, the
+    number of prompts), never on the order of the rows."""
+    prompt_ids = sorted({p.prompt_id for p in pairs}, key=lambda pid: content_hash("rm-split", seed, pid))
+    n_val = round(val_fraction * len(prompt_ids))
+    if val_fraction > 0 and len(prompt_ids) >= 2:
+        n_val = min(max(n_val, 1), len(prompt_ids) - 1)  # at least one prompt on each side
+    val_ids = set(prompt_ids[:n_val])
+    return [p for p in pairs if p.prompt_id not in val_ids], [p for p in pairs if p.prompt_id in val_ids]
+
+
+@dataclass
+class Encoded:
+    """Pairs as token ids, tokenised once: ``ids_a[i]``, ``ids_b[i]`` and label ``p_a[i]``."""
+
+    comparison_ids: list[str]
+    ids_a: list[list[int]]
+    ids_b: list[list[int]]
+    p_a: torch.Tensor  # float32 (N,)
+    truncated: int
+
+    def __len__(self) -> int:
+        return len(self.comparison_ids)
+
+
+def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int) -> Encoded:
+    prompts = [p.messages for p in pairs]
+    ids, truncated = encode(tokenizer, prompts * 2, [p.response_a for p in pairs] + [p.response_b for p in pairs],
+                            max_length=max_length)
+    n = len(pairs)
+    return Encoded([p.comparison_id for p in pairs], ids[:n], ids[n:],
+                   torch.tensor([p.p_a for p in pairs], dtype=torch.float32), truncated)
+
+
+def micro_batch(data: Encoded, indices: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids``/``attention_mask`` of ``2 * len(indices)`` sequences (a's then b's) and the labels."""
+    input_ids, mask = collate([data.ids_a[i] for i in indices] + [data.ids_b[i] for i in indices], pad_id)
+    return input_ids, mask, data.p_a[list(indices)]
+
+
+# =============================================================================================
+# 2. The loss
+# =============================================================================================
+def preference_loss(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor, *, hard_labels: bool = False,
+                    margin: float = 0.0, center_coef: float = 0.0) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss on soft labels (shape of ``p_a``; sum or average it yourself).
+
+    ``d = r_a - r_b``; the model's ``P(a better) = sigmoid(d)``;
+    ``loss = -(t * log sigmoid(z) + (1 - t) * log sigmoid(-z)) + center_coef * (r_a + r_b)^2``
+    with ``t = p_a`` (or ``1[p_a > 0.5]`` with ``hard_labels``) and ``z = d - margin * (2t - 1)``:
+    the margin moves the target gap further in the preferred direction, by the full margin for a
+    certain label and not at all for a tie (with hard labels this is Llama 2's margin loss). The
+    centring term (Eisenstein et al. 2023, TRL's ``center_rewards_coefficient``) keeps rewards near 0.
+    """
+    target = (p_a > 0.5).to(r_a.dtype) if hard_labels else p_a.to(r_a.dtype)
+    z = (r_a - r_b) - margin * (2 * target - 1)
+    loss = F.binary_cross_entropy_with_logits(z, target, reduction="none")
+    if center_coef:
+        loss = loss + center_coef * (r_a + r_b) ** 2
+    return loss
+
+
+def agreement(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor) -> tuple[float, int]:
+    """(pairs where the model's preferred response is the judge's majority pick, pairs that have one)."""
+    decided = p_a != 0.5
+    right = ((r_a > r_b) == (p_a > 0.5)) & decided
+    return float(right.sum()), int(decided.sum())
+
+
+def calibration(prob_a: torch.Tensor, p_a: torch.Tensor, bins: int = 10) -> dict[str, float]:
+    """Brier score against the soft labels and expected calibration error (ECE) against the judge's
+    majority: the model's confidence ``max(q, 1 - q)`` in its pick, binned on [0.5, 1], vs how often
+    the pick agrees with the judge."""
+    brier = float(((prob_a - p_a) ** 2).mean())
+    decided = p_a != 0.5
+    q, p = prob_a[decided], p_a[decided]
+    if len(q) == 0:
+        return {"brier": brier, "ece": float("nan")}
+    confidence = torch.maximum(q, 1 - q)
+    correct = ((q > 0.5) == (p > 0.5)).float()
+    which = ((confidence - 0.5) * 2 * bins).long().clamp(0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += float(in_bin.float().mean()) * abs(float(correct[in_bin].mean()) - float(confidence[in_bin].mean()))
+    return {"brier": brier, "ece": ece}
+
+
+# =============================================================================================
+# 3. Model, optimizer, schedule
+# =============================================================================================
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def pick_device(cfg: RewardConfig) -> torch.device:
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def use_bf16(cfg: RewardConfig, device: torch.device) -> bool:
+    if cfg.mixed_precision == "no":
+        return False
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if cfg.mixed_precision == "bf16" and not supported and device.type != "cpu":
+        raise ValueError(f"bf16 is not supported on {device}")
+    # CPU bf16 autocast works but is slower than float32 on most CPUs: only when asked for.
+    return supported or (cfg.mixed_precision == "bf16" and device.type == "cpu")
+
+
+def build_model(path: str, tokenizer, cfg: RewardConfig, device: torch.device):
+    """The sequence classifier (a new score head comes from torch's RNG: seed before), LoRA-wrapped if asked."""
+    model = load_sequence_classifier(path)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        # SEQ_CLS keeps the score head fully trainable (modules_to_save) next to the adapters.
+        model = get_peft_model(model, LoraConfig(
+            task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules))
+    return model.to(device)
+
+
+def make_optimizer(model, cfg: RewardConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (embeddings and linear weights), as nanoGPT does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+def lr_at(step: int, total_steps: int, cfg: RewardConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
+    peak, floor = cfg.peak_lr, cfg.peak_lr * cfg.min_lr_ratio
+    warmup = round(cfg.warmup_ratio * total_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total_steps - warmup - 1, 1)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def data_order(n_train: int, pairs_per_step: int, cfg: RewardConfig) -> tuple[list[int], int]:
+    """(the training stream of pair indices, total optimizer steps).
+
+    Epoch ``e`` is a permutation from a generator seeded with ``seed + e``; the stream is the epochs
+    back to back. Step ``s`` takes ``stream[s * pairs_per_step : (s + 1) * pairs_per_step]`` (the
+    last step of the stream may be shorter).
+    """
+    if cfg.max_steps:
+        total_steps = cfg.max_steps
+        epochs = math.ceil(total_steps * pairs_per_step / n_train)
+    else:
+        epochs = cfg.epochs
+        total_steps = math.ceil(epochs * n_train / pairs_per_step)
+    stream: list[int] = []
+    for epoch in range(epochs):
+        g = torch.Generator().manual_seed(cfg.seed + epoch)
+        stream.extend(torch.randperm(n_train, generator=g).tolist())
+    return stream[:total_steps * pairs_per_step], total_steps
+
+
+# =============================================================================================
+# 4. Evaluation
+# =============================================================================================
+@torch.no_grad()
+def evaluate(model, data: Encoded, cfg: RewardConfig, pad_id: int, device: torch.device,
+             autocast) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Validation metrics and the raw rewards (r_a, r_b) of every pair, in batches sorted by length."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(data)), key=lambda i: -max(len(data.ids_a[i]), len(data.ids_b[i])))
+    r_a, r_b = torch.zeros(len(data)), torch.zeros(len(data))
+    for start in range(0, len(order), cfg.eval_batch_size):
+        idx = order[start:start + cfg.eval_batch_size]
+        input_ids, mask, _ = micro_batch(data, idx, pad_id)
+        with autocast():
+            rewards = sequence_rewards(model, input_ids.to(device), mask.to(device)).cpu()
+        r_a[idx], r_b[idx] = rewards[:len(idx)], rewards[len(idx):]
+    model.train(was_training)
+    loss = preference_loss(r_a, r_b, data.p_a, hard_labels=cfg.hard_labels, margin=cfg.margin,
+                           center_coef=cfg.center_coef)
+    right, decided = agreement(r_a, r_b, data.p_a)
+    both = torch.cat([r_a, r_b])
+    metrics = {"loss": float(loss.mean()), "accuracy": right / decided if decided else float("nan"),
+               **calibration(torch.sigmoid(r_a - r_b), data.p_a),
+               "reward_mean": float(both.mean()), "reward_std": float(both.std()) if len(both) > 1 else 0.0}
+    return metrics, r_a, r_b
+
+
+# =============================================================================================
+# 5. Checkpoints
+# =============================================================================================
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, meta: dict[str, Any], keep: int) -> Path:
+    """Write ``step-NNNNNN`` atomically (a temp folder renamed at the end); prune to the newest ``keep``."""
+    final = ckpt_dir / f"step-{step:06d}"
+    tmp = ckpt_dir / f".step-{step:06d}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(trainable_state(model), tmp / "model.pt")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**meta, "step": step, "saved_at": str(now())}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(ckpt_dir.glob("step-*"))[:-max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, optimizer, expect: dict[str, Any]) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG; refuse a checkpoint made for other settings or data."""
+    state = json.loads((path / "state.json").read_text())
+    for key in ("config_hash", "train_ids_hash"):
+        if state.get(key) != expect[key]:
+            raise RuntimeError(
+                f"{path} was written for a different {key.removesuffix('_hash')} ({state.get(key)} != {expect[key]}); "
+                "choose another --model-id or --output-dir, or delete that folder")
+    weights = torch.load(path / "model.pt", weights_only=True)
+    missing = set(trainable_state(model)) - set(weights)
+    if missing:
+        raise RuntimeError(f"{path}: checkpoint lacks {sorted(missing)[:3]}...")
+    model.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return state
+
+
+# =============================================================================================
+# 6. The stage
+# =============================================================================================
+class MetricsBuffer:
+    """Metrics rows kept in memory and written in batches (the store is opened per write)."""
+
+    def __init__(self, store: Store, run_id: str, model_id: str):
+        self.store, self.run_id, self.model_id, self.rows = store, run_id, model_id, []
+
+    def add(self, step: int, split: str, values: dict[str, float]) -> None:
+        stamp = now()
+        self.rows += [{"run_id": self.run_id, "model_id": self.model_id, "step": step, "split": split,
+                       "name": k, "value": None if v is None or math.isnan(v) else float(v), "created_at": stamp}
+                      for k, v in values.items()]
+
+    def flush(self) -> None:
+        if self.rows:
+            self.store.insert("metrics", self.rows)
+            self.rows = []
+
+
+def model_folder(store: Store, cfg: RewardConfig, model_id: str) -> Path:
+    return Path(cfg.output_dir) if cfg.output_dir else store.path.parent / "models" / model_id
+
+
+def train_reward(store: Store, cfg: RewardConfig, *, progress: bool = True,
+                 stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Train (or resume, or find already trained) the reward model ``cfg`` describes; returns a summary.
+
+    ``stop_after_steps``: checkpoint and return after this many optimizer steps in this call (for
+    time-limited jobs; the next call resumes).
+    """
+    started = time.time()
+    # ---- data ----
+    pairs, snapshot = load_pairs(store, cfg)
+    if len(pairs) < 2:
+        raise LookupError(f"{store.path} has {len(pairs)} usable comparisons (status 'ok', p_a set, filters: "
+                          f"{snapshot['filters']}); label some pairs with the judge first")
+    train_pairs, val_pairs = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
+    base_id, base_path = resolve_in_store(store, cfg.base_model)
+    config_hash = content_hash(cfg.identity(), base_id)
+    model_id = cfg.model_id or "rm-" + content_hash("reward", config_hash, snapshot["comparison_ids_hash"], length=12)
+    out_dir = model_folder(store, cfg, model_id)
+    ckpt_dir = out_dir / "checkpoints"
+    snapshot |= {"train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
+                 "train_prompts": len({p.prompt_id for p in train_pairs}),
+                 "val_prompts": len({p.prompt_id for p in val_pairs}),
+                 "val_prompt_ids_hash": content_hash(sorted({p.prompt_id for p in val_pairs}))}
+    summary: dict[str, Any] = {"model_id": model_id, "path": str(out_dir), "base_model_id": base_id,
+                               "pairs": len(pairs), "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
+    if (out_dir / "cai_reward.json").exists():  # finished before: make sure it is registered, do nothing else
+        meta = json.loads((out_dir / "cai_reward.json").read_text())
+        store.register_model(model_id, "reward", str(out_dir.resolve()), base_model_id=base_id, parent_ids=[base_id],
+                             params=meta.get("params"), data_snapshot=meta.get("data_snapshot"))
+        return summary | {"already_trained": True, "offset": meta.get("offset"),
+                          "val": meta.get("val_metrics"), "seconds": round(time.time() - started, 2)}
+
+    run_id = store.start_run("train_rm", {**cfg.model_dump(), "model_id": model_id, "lr": cfg.peak_lr})
+    metrics = MetricsBuffer(store, run_id, model_id)
+    bar = None
+    try:
+        # ---- model and data on the device ----
+        device = pick_device(cfg)
+        bf16 = use_bf16(cfg, device)
+
+        def autocast():
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+        seed_everything(cfg.seed)
+        tokenizer = load_tokenizer(base_path)
+        model = build_model(base_path, tokenizer, cfg, device)
+        model.train()
+        pad_id = tokenizer.pad_token_id
+        train, val = encode_pairs(tokenizer, train_pairs, cfg.max_length), encode_pairs(tokenizer, val_pairs, cfg.max_length)
+        summary["truncated_sequences"] = train.truncated + val.truncated
+        optimizer = make_optimizer(model, cfg)
+        pairs_per_step = cfg.batch_size * cfg.grad_accum
+        stream, total_steps = data_order(len(train), pairs_per_step, cfg)
+        ckpt_meta = {"model_id": model_id, "config_hash": config_hash, "total_steps": total_steps,
+                     "train_ids_hash": content_hash(train.comparison_ids), "order_hash": content_hash(stream)}
+
+        # ---- resume ----
+        step = 0
+        ckpt = latest_checkpoint(ckpt_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model, optimizer, ckpt_meta)
+            if state["order_hash"] != ckpt_meta["order_hash"]:
+                raise RuntimeError(f"{ckpt}: data order differs from this run's; the data changed under it")
+            step = state["step"]
+            summary["resumed_from_step"] = step
+        start_step = step
+
+        # ---- the loop ----
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        bar = tqdm(total=total_steps, initial=step, desc="train-rm", unit="step", disable=not progress)
+        pairs_seen, train_seconds, last_val = 0, 0.0, {}
+        while step < total_steps:
+            if stop_after_steps is not None and step - start_step >= stop_after_steps:
+                break
+            t0 = time.time()
+            lr = lr_at(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_indices = stream[step * pairs_per_step:(step + 1) * pairs_per_step]
+            n_step = len(step_indices)
+            loss_sum, right, decided = 0.0, 0.0, 0
+            for m in range(0, n_step, cfg.batch_size):
+                input_ids, mask, p_a = micro_batch(train, step_indices[m:m + cfg.batch_size], pad_id)
+                input_ids, mask, p_a = input_ids.to(device), mask.to(device), p_a.to(device)
+                with autocast():
+                    rewards = sequence_rewards(model, input_ids, mask)
+                r_a, r_b = rewards.chunk(2)
+                per_pair = preference_loss(r_a, r_b, p_a, hard_labels=cfg.hard_labels, margin=cfg.margin,
+                                           center_coef=cfg.center_coef)
+                # Sum over the micro-batch / pairs in the whole step: the step's gradient is the mean
+                # over its pairs however they are split into micro-batches.
+                (per_pair.sum() / n_step).backward()
+                loss_sum += float(per_pair.detach().sum())
+                ok, n = agreement(r_a.detach(), r_b.detach(), p_a)
+                right, decided = right + ok, decided + n
+            grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip
+                         else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            train_seconds += time.time() - t0
+            pairs_seen += n_step
+            train_metrics = {"loss": loss_sum / n_step, "accuracy": right / decided if decided else float("nan"),
+                             "lr": lr, "grad_norm": float(grad_norm)}
+            metrics.add(step, "train", train_metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_metrics['loss']:.3f}", **({"val_acc": f"{last_val['accuracy']:.3f}"}
+                                                                     if last_val else {}))
+            if len(val) and step % cfg.eval_every == 0 and step < total_steps:
+                last_val, _, _ = evaluate(model, val, cfg, pad_id, device, autocast)
+                metrics.add(step, "val", last_val)
+            if step % cfg.save_every == 0 and step < total_steps:
+                metrics.flush()
+                save_checkpoint(ckpt_dir, step, model, optimizer, ckpt_meta, cfg.keep_checkpoints)
+            elif step % cfg.log_every == 0:
+                metrics.flush()
+        bar.close()
+        summary |= {"steps": step, "total_steps": total_steps, "train_seconds": round(train_seconds, 2),
+                    "pairs_per_second": round(pairs_seen / train_seconds, 2) if train_seconds else None}
+
+        if step < total_steps:  # stopped part-way on purpose: leave a checkpoint to resume from
+            metrics.flush()
+            if step > start_step:
+                save_checkpoint(ckpt_dir, step, model, optimizer, ckpt_meta, cfg.keep_checkpoints)
+            summary["finished"] = False
+            store.finish_run(run_id, "stopped", summary)
+            return summary | {"run_id": run_id, "seconds": round(time.time() - started, 2)}
+
+        # ---- finish: evaluate, centre, save, register ----
+        if len(val):
+            val_metrics, r_a, r_b = evaluate(model, val, cfg, pad_id, device, autocast)
+            metrics.add(step, "val", val_metrics)
+        else:  # no validation set: centre on the training pairs
+            val_metrics, r_a, r_b = evaluate(model, train, cfg, pad_id, device, autocast)
+            val_metrics = {}
+        offset = float(torch.cat([r_a, r_b]).mean())
+        metrics.add(step, "val", {"offset": offset})
+        metrics.flush()
+        if cfg.lora:
+            model = model.merge_and_unload()
+        model.config.pad_token_id = pad_id
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        params = cfg.model_dump() | {"lr": cfg.peak_lr, "total_steps": total_steps, "offset": offset}
+        write_meta(out_dir, {"model_id": model_id, "offset": offset, "base_model": base_id, "chat_template": True,
+                             "max_length": cfg.max_length, "truncation": "left", "pooling": "last_token",
+                             "params": params, "data_snapshot": snapshot, "val_metrics": val_metrics})
+        store.register_model(model_id, "reward", str(out_dir.resolve()), base_model_id=base_id, parent_ids=[base_id],
+                             params=params, data_snapshot=snapshot, run_id=run_id)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        summary |= {"finished": True, "offset": round(offset, 4),
+                    "val": {k: round(v, 4) for k, v in val_metrics.items()}}
+        summary["seconds"] = round(time.time() - started, 2)
+        store.finish_run(run_id, "ok", summary)
+        return summary | {"run_id": run_id}
+    except BaseException as e:
+        if bar is not None:
+            bar.close()
+        try:
+            metrics.flush()
+        finally:
+            store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                             summary, error=repr(e))
+        raise
