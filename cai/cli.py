@@ -248,6 +248,153 @@ def generate(db: DbOption = None,
     console.print_json(json.dumps(summary))
 
 
+# ---- SL-CAI: `cai critique`, `cai sft` (issue 3) -------------------------------------------
+def _validation_message(e) -> str:
+    return "; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors())
+
+
+def _print_critique_report(store: Store, constitution_hash: str | None = None) -> None:
+    from cai.critique import critique_report
+
+    rows = critique_report(store, constitution_hash)
+    if not rows:
+        console.print(f"no revisions in {store.path} yet; run `cai critique`")
+        return
+    print_rows(rows, title="critique rounds per principle (status counts)")
+    total = sum(r["rounds"] for r in rows)
+    ok = sum(r["ok"] for r in rows)
+    console.print(f"{ok} of {total} rounds ok ({ok / total:.0%}); `cai sql \"select status, reason, count(*) "
+                  f"from revisions group by all\"` shows why the others were not", soft_wrap=True, markup=False)
+
+
+@app.command("critique")
+def critique(db: DbOption = None,
+             constitution: Annotated[str, typer.Option(help="Constitution: path or name under constitutions/.")]
+             = "constitutions/harmless.yaml",
+             model: Annotated[str, typer.Option(help="Model that critiques and revises: built-in name, store "
+                                                     "model id or HF folder.")] = "smollm2-135m-instruct",
+             engine: Annotated[str, typer.Option(help="transformers | vllm | openai")] = "transformers",
+             base_url: Annotated[str | None, typer.Option(help="Server URL for --engine openai.")] = None,
+             rounds: Annotated[int, typer.Option(help="Critique-revision rounds per generation.")] = 2,
+             few_shot: Annotated[int | None, typer.Option(help="Constitution examples placed first "
+                                                               "(default: all).")] = None,
+             temperature: float = 0.7, top_p: float = 0.95,
+             critique_max_tokens: Annotated[int, typer.Option(help="Max new tokens per critique.")] = 128,
+             revision_max_tokens: Annotated[int, typer.Option(help="Max new tokens per revision.")] = 256,
+             seed: int = 0,
+             max_revision_chars: Annotated[int | None, typer.Option(help="Longer revisions are 'too_long'.")]
+             = 4000,
+             max_growth: Annotated[float | None, typer.Option(help="Revisions more than this many times as long "
+                                                                   "as what they revise are 'too_long'.")] = 4.0,
+             generation_model: Annotated[str | None, typer.Option(help="Only generations of this model id.")]
+             = None,
+             split: Annotated[str | None, typer.Option(help="train | test")] = None,
+             category: Annotated[str | None, typer.Option(help="Only prompts of this category.")] = None,
+             limit: Annotated[int | None, typer.Option(help="At most this many generations.")] = None,
+             batch_size: Annotated[int, typer.Option(help="Generations per engine call and per write.")] = 256,
+             report: Annotated[bool, typer.Option("--report", help="Only print how the rounds went, per "
+                                                                   "principle, and exit.")] = False) -> None:
+    """Critique and revise initial generations by sampled constitution principles (SL-CAI; resumable)."""
+    from pydantic import ValidationError
+
+    from cai.critique import CritiqueConfig, run_critique
+    from cai.models import ModelNotFoundError
+    from cai.yamlio import SpecError
+
+    store = _store(db)
+    if report:
+        if not store.path.exists():
+            fail(f"{store.path} does not exist yet")
+        _print_critique_report(store)
+        return
+    try:
+        cfg = CritiqueConfig(constitution=constitution, model=model, engine=engine, rounds=rounds, few_shot=few_shot,
+                             temperature=temperature, top_p=top_p, critique_max_tokens=critique_max_tokens,
+                             revision_max_tokens=revision_max_tokens, seed=seed,
+                             max_revision_chars=max_revision_chars, max_growth=max_growth,
+                             generation_model=generation_model, split=split, category=category, limit=limit,
+                             batch_size=batch_size, engine_options={"base_url": base_url} if base_url else {})
+    except ValidationError as e:
+        fail(_validation_message(e))
+    try:
+        summary = run_critique(store, cfg)
+    except (ModelNotFoundError, LookupError, StoreLockedError, SpecError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print_json(json.dumps(summary, default=str))
+    _print_critique_report(store, summary["constitution_hash"])
+
+
+@app.command("sft")
+def sft(db: DbOption = None,
+        base_model: Annotated[str | None, typer.Option(help="Policy to fine-tune: built-in name, store model id "
+                                                            "or HF folder (default: the embedded model).")] = None,
+        model_id: Annotated[str | None, typer.Option(help="Id of the new model (default: sft-<hash>).")] = None,
+        output_dir: Annotated[Path | None, typer.Option(help="Model folder (default: <db dir>/models/<id>).")]
+        = None,
+        constitution: Annotated[str | None, typer.Option(help="Only revisions under this constitution hash.")]
+        = None,
+        revision_model: Annotated[str | None, typer.Option(help="Only revisions written by this model id.")]
+        = None,
+        split: Annotated[str | None, typer.Option(help="Prompts of this split (default train; 'all' for all).")]
+        = None,
+        limit: Annotated[int | None, typer.Option(help="At most this many pairs.")] = None,
+        val_fraction: Annotated[float | None, typer.Option(help="Share of prompts for validation.")] = None,
+        max_length: Annotated[int | None, typer.Option(help="Tokens per example.")] = None,
+        lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 1e-5; 2e-4 with LoRA).")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Examples per micro-batch.")] = None,
+        grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+        epochs: Annotated[int | None, typer.Option()] = None,
+        max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
+        seed: Annotated[int | None, typer.Option()] = None,
+        lora: Annotated[bool | None, typer.Option("--lora/--full", help="LoRA adapters (merged at the end) or "
+                                                                        "full fine-tuning.")] = None,
+        lora_r: Annotated[int | None, typer.Option()] = None,
+        gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing")] = None,
+        mixed_precision: Annotated[str | None, typer.Option(help="auto | no | bf16")] = None,
+        device: Annotated[str | None, typer.Option(help="cuda | cpu (default: cuda if available).")] = None,
+        eval_every: Annotated[int | None, typer.Option(help="Steps between validation passes.")] = None,
+        save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+        stop_after: Annotated[int | None, typer.Option(help="Checkpoint and stop after this many steps; the "
+                                                            "same command resumes.")] = None,
+        config: Annotated[Path | None, typer.Option(help="YAML/JSON file of SFTConfig fields (options given "
+                                                         "here win).")] = None) -> None:
+    """Fine-tune the policy on the SL-CAI pairs (`sl_cai`: prompt, final revision); resumes if interrupted."""
+    from pydantic import ValidationError
+
+    from cai.models import ModelNotFoundError
+    from cai.sft import SFTConfig, run_sft
+
+    options = dict(base_model=base_model, model_id=model_id, output_dir=str(output_dir) if output_dir else None,
+                   constitution_hash=constitution, revision_model=revision_model, limit=limit,
+                   val_fraction=val_fraction, max_length=max_length, lr=lr, batch_size=batch_size,
+                   grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, seed=seed, lora=lora, lora_r=lora_r,
+                   gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, device=device,
+                   eval_every=eval_every, save_every=save_every)
+    values: dict = {}
+    if config:
+        import yaml
+
+        if not config.exists():
+            fail(f"{config}: no such file")
+        values = yaml.safe_load(config.read_text()) or {}
+        if not isinstance(values, dict):
+            fail(f"{config}: expected a mapping of SFTConfig fields")
+    values |= {k: v for k, v in options.items() if v is not None}
+    if split is not None:
+        values["split"] = None if split == "all" else split
+    try:
+        cfg = SFTConfig(**values)
+    except ValidationError as e:
+        fail(_validation_message(e))
+    try:
+        summary = run_sft(_store(db), cfg, stop_after_steps=stop_after)
+    except (ModelNotFoundError, LookupError, StoreLockedError, RuntimeError, ValueError) as e:
+        fail(str(e))
+    console.print_json(json.dumps(summary, default=str))
+    if summary.get("finished") or summary.get("already_trained"):
+        console.print(f"sample from it: cai generate --model {summary['model_id']}", markup=False)
+
+
 # ---- judging: judge specs, `cai label`, `cai judge-eval`, `cai export` (issue 4) -------------
 judge_app = typer.Typer(help="Judge spec files (judges/*.yaml): lint, show, JSON Schema.", no_args_is_help=True)
 app.add_typer(judge_app, name="judge")
@@ -349,7 +496,7 @@ def _fmt(v: object) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.3f}"
+        return str(int(v)) if v.is_integer() and abs(v) >= 1 else f"{v:.3f}"
     return str(v)
 
 
@@ -369,21 +516,21 @@ def judge_eval(file: Annotated[Path, typer.Argument(help="JSONL of human-labelle
                out_dir: Annotated[Path, typer.Option(help="Where the reliability plot and per-item JSONL go.")]
                = Path("data/runs/judge-eval")) -> None:
     """How well a judge agrees with people: agreement, position consistency, calibration, invalid rate."""
-    from cai.constitution import load_constitution, resolve_constitution
-    from cai.judge_eval import run_judge_eval
-    from cai.label import judge_engine, load_spec, principle_refs
+    from cai.judge_eval import load_labelled_pairs, run_judge_eval
+    from cai.label import find_constitution, judge_engine, load_spec, principle_refs
     from cai.models import ModelNotFoundError
     from cai.yamlio import SpecError
 
     store = _store(db)
     try:
+        load_labelled_pairs(file, limit)  # a bad file fails before a model is loaded
         s = load_spec(spec)
         from cai.models import resolve_in_store
 
         model_id, path = resolve_in_store(store, model or s.model)
         principles = chash = None
         if constitution:
-            c = load_constitution(resolve_constitution(constitution))
+            c = find_constitution(constitution)
             principles, chash = principle_refs(c), c.hash
             store.register_constitution(c)
         kind = engine or s.engine
@@ -394,8 +541,8 @@ def judge_eval(file: Annotated[Path, typer.Argument(help="JSONL of human-labelle
     except (SpecError, FileNotFoundError, ModelNotFoundError, LookupError, StoreLockedError) as e:
         fail(str(e))
     m = report.metrics
-    table = Table(title=f"judge {report.judge} ({report.method}, spec {report.spec_hash}) — {report.model_id} via "
-                        f"{report.engine} — {Path(report.dataset).name}, {report.n} pairs", show_lines=False)
+    table = Table(title=f"judge {report.judge} ({report.method}, spec {report.spec_hash})\n{report.model_id} via "
+                        f"{report.engine}, {Path(report.dataset).name}, {report.n} pairs", show_lines=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("meaning", style="dim")
@@ -567,7 +714,7 @@ def rm_score(model: Annotated[str, typer.Option(help="Reward model: store model 
     except (ModelNotFoundError, PairsFileError, FileNotFoundError, ValueError, StoreLockedError) as e:
         fail(str(e))
     text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
-    keys = [k for k in ("reward", "reward_chosen", "reward_rejected") if rows and k in rows[0]]
+    keys = [k for k in ("reward", "reward_chosen", "reward_rejected") if any(k in r for r in rows)]
     if out:
         out.write_text(text)
         console.print(f"wrote {len(rows)} scored rows to {out}")
@@ -575,9 +722,9 @@ def rm_score(model: Annotated[str, typer.Option(help="Reward model: store model 
         sys.stdout.write(text)
         return
     else:
-        print_rows([{"id": r.get("id"), **{k: round(r[k], 4) for k in keys}} for r in rows[:50]])
+        print_rows([{"id": r.get("id"), **{k: round(r[k], 4) if k in r else None for k in keys}} for r in rows[:50]])
     for k in keys:
-        vals = [r[k] for r in rows]
+        vals = [r[k] for r in rows if k in r]
         err.print(f"{k}: n={len(vals)} mean={statistics.fmean(vals):.4f} "
                   f"std={statistics.pstdev(vals):.4f} min={min(vals):.4f} max={max(vals):.4f}")
 
@@ -652,6 +799,115 @@ def deploy(names: Annotated[list[str] | None, typer.Argument(help="Deployment na
     if code:
         raise typer.Exit(code)
     console.print(f"deployed; start a worker with: prefect worker start --pool {serving.WORK_POOL}")
+
+
+# ---- PPO and DPO (cai/ppo.py, cai/dpo.py) -------------------------------------------------
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="Any other config field as KEY=VALUE (YAML value), repeatable: --set gamma=0.99.")]
+
+
+def _train_config(cls, explicit: dict, sets: list[str] | None):
+    """Build a pydantic config from CLI flags (None = not given) and --set KEY=VALUE pairs."""
+    import yaml
+    from pydantic import ValidationError
+
+    fields = {k: v for k, v in explicit.items() if v is not None}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--set {item!r}: use KEY=VALUE")
+        fields[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    try:
+        return cls(**fields)
+    except ValidationError as e:
+        fail("; ".join(f"{'.'.join(map(str, x['loc'])) or 'config'}: {x['msg']}" for x in e.errors()))
+
+
+@app.command("ppo")
+def ppo(db: DbOption = None,
+        policy: Annotated[str | None, typer.Option(help="Starting policy (built-in name, store id, HF folder).")] = None,
+        reward: Annotated[str | None, typer.Option(help="Reward model (store id or folder), judge:SPEC, or "
+                                                        "python:module:function.")] = None,
+        ref: Annotated[str | None, typer.Option(help="Reference policy (default: the starting policy).")] = None,
+        value_model: Annotated[str | None, typer.Option(help="Critic start (default: the reward model).")] = None,
+        steps: Annotated[int | None, typer.Option(help="PPO steps (one rollout batch each).")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Rollouts per step.")] = None,
+        minibatch_size: Annotated[int | None, typer.Option(help="Rollouts per gradient step.")] = None,
+        ppo_epochs: Annotated[int | None, typer.Option(help="Passes over each rollout batch.")] = None,
+        max_new_tokens: Annotated[int | None, typer.Option(help="Response length limit.")] = None,
+        temperature: float | None = None,
+        learning_rate: float | None = None,
+        kl_coef: Annotated[float | None, typer.Option(help="beta of the per-token KL penalty.")] = None,
+        target_kl: Annotated[float | None, typer.Option(help="Adaptive KL target (nats); 0 keeps beta fixed.")] = None,
+        missing_eos_penalty: Annotated[float | None, typer.Option(help="Penalty for responses without EOS.")] = None,
+        limit: Annotated[int | None, typer.Option(help="At most this many training prompts.")] = None,
+        engine: Annotated[str | None, typer.Option(help="Rollout engine: transformers | vllm.")] = None,
+        device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+        dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 (autocast)")] = None,
+        threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+        seed: int | None = None,
+        resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of the same setup.")] = True,
+        sets: SetOption = None) -> None:
+    """Fine-tune a policy with PPO against a reward model (or judge / Python reward)."""
+    from cai.models import ModelNotFoundError
+    from cai.ppo import PPOConfig, PPOError, run_ppo
+
+    cfg = _train_config(PPOConfig, {
+        "policy": policy, "reward": reward, "ref": ref, "value_model": value_model, "steps": steps,
+        "batch_size": batch_size, "minibatch_size": minibatch_size, "ppo_epochs": ppo_epochs,
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "learning_rate": learning_rate,
+        "kl_coef": kl_coef, "missing_eos_penalty": missing_eos_penalty, "limit": limit,
+        "rollout_engine": engine, "device": device, "dtype": dtype, "threads": threads, "seed": seed,
+        "resume": resume}, sets)
+    if target_kl is not None:
+        cfg.target_kl = target_kl or None
+    try:
+        summary = run_ppo(_store(db), cfg)
+    except PPOError as e:
+        fail(f"training stopped: {e}")
+    except (ModelNotFoundError, LookupError, ValueError, NotImplementedError, StoreLockedError) as e:
+        fail(str(e))
+    console.print_json(json.dumps(summary, default=str))
+    if summary.get("plot"):
+        err.print(f"training curves: {summary['plot']}\n"
+                  f"  cai sql \"select step, split, metric, value from training_curves where run_id = "
+                  f"'{summary['run_id']}' and metric in ('reward', 'kl') order by step\"", highlight=False)
+
+
+@app.command("dpo")
+def dpo(db: DbOption = None,
+        policy: Annotated[str | None, typer.Option(help="Starting policy (built-in name, store id, HF folder).")] = None,
+        ref: Annotated[str | None, typer.Option(help="Reference (default: the starting policy).")] = None,
+        beta: float | None = None,
+        label_mode: Annotated[str | None, typer.Option(help="smoothing | weight | hard: how the soft label "
+                                                            "P(chosen better) enters the loss.")] = None,
+        epochs: int | None = None,
+        batch_size: Annotated[int | None, typer.Option(help="Pairs per optimiser step.")] = None,
+        micro_batch_size: Annotated[int | None, typer.Option(help="Pairs per forward pass.")] = None,
+        learning_rate: float | None = None,
+        judge: Annotated[str | None, typer.Option(help="Only labels from this judge name.")] = None,
+        pair_kind: Annotated[str | None, typer.Option(help="Only pairs of this kind.")] = None,
+        limit: Annotated[int | None, typer.Option(help="At most this many training pairs.")] = None,
+        device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+        threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+        seed: int | None = None,
+        sets: SetOption = None) -> None:
+    """Fine-tune a policy with DPO on the `preferences` view (soft labels as smoothing or weights)."""
+    from cai.dpo import DPOConfig, run_dpo
+    from cai.models import ModelNotFoundError
+
+    cfg = _train_config(DPOConfig, {
+        "policy": policy, "ref": ref, "beta": beta, "label_mode": label_mode, "epochs": epochs,
+        "batch_size": batch_size, "micro_batch_size": micro_batch_size, "learning_rate": learning_rate,
+        "judge_name": judge, "pair_kind": pair_kind, "limit": limit, "device": device, "threads": threads,
+        "seed": seed}, sets)
+    try:
+        summary = run_dpo(_store(db), cfg)
+    except FloatingPointError as e:
+        fail(f"training stopped: {e}")
+    except (ModelNotFoundError, LookupError, ValueError, StoreLockedError) as e:
+        fail(str(e))
+    console.print_json(json.dumps(summary, default=str))
 
 
 def main() -> None:

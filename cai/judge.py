@@ -435,7 +435,7 @@ class Judge:
         for j, pr in enumerate(principles):
             qs = {q.view: q for q in queries if q.principle == j}
             d: dict[str, Any] = {"id": pr.id, "weight": pr.weight if weighted else 1.0,
-                                 "option_probs": {v: [round(x, 6) for x in q.probs or []] for v, q in qs.items()}}
+                                 "option_probs": {v: [float(f"{x:.6g}") for x in q.probs or []] for v, q in qs.items()}}
             bad = [q for q in qs.values() if q.invalid]
             if spec.method == "cot":
                 d["reasoning"] = {v: q.reasoning for v, q in qs.items()}

@@ -82,9 +82,10 @@ def load_labelled_pairs(path: str | Path, limit: int | None = None) -> list[Labe
                 problems.append(Problem(str(path), n, "prompt",
                                         "needs 'prompt': text or a list of {role, content} messages"))
                 continue
-            bad = [k for k in ("chosen", "rejected") if not isinstance(rec.get(k), str) or not rec[k].strip()]
+            # An empty response is a real (bad) answer: PandaLM has some, and people rejected them.
+            bad = [k for k in ("chosen", "rejected") if not isinstance(rec.get(k), str)]
             if bad:
-                problems.append(Problem(str(path), n, bad[0], "must be non-empty text"))
+                problems.append(Problem(str(path), n, bad[0], "must be text (the response)"))
                 continue
             items.append(LabelledPair(str(rec.get("id", f"line-{n}")), messages, rec["chosen"], rec["rejected"], n))
     if problems:

@@ -3,8 +3,8 @@
 Pairs come from the store:
 
 ``initial_vs_revised``
-    each initial generation (A) against its final ``ok`` revision (B) from the critique stage
-    (one pair per generation and constitution the revisions were made under);
+    each initial generation (A) against its final ``ok`` revision (B) from the critique stage (the
+    ``sl_cai`` view: one pair per generation, constitution, critique model and critique settings);
 ``two_samples``
     samples 0 (A) and 1 (B) of the same prompt, model, sampling parameters and stage.
 
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from cai.constitution import Constitution, load_constitution, resolve_constitution
 from cai.engines.base import Engine
 from cai.judge import Judge, PairInput, PrincipleRef
-from cai.judge_spec import JudgeSpec, load_judge_spec, resolve_judge_spec
+from cai.judge_spec import REPO_ROOT, JudgeSpec, load_judge_spec, resolve_judge_spec
 from cai.store import Store, content_hash, now
 
 PairKind = Literal["initial_vs_revised", "two_samples"]
@@ -70,14 +70,14 @@ def select_pairs(store: Store, kinds: list[str], *, generation_stage: str = "ini
     split_sql = " AND p.split = ?" if split else ""
     out: list[dict[str, Any]] = []
     if "initial_vs_revised" in kinds:
+        # sl_cai (the critique stage's view) holds the final ok revision of each initial generation,
+        # per constitution, critique model and critique parameters.
         out += store.query(f"""
-            SELECT 'initial_vs_revised' AS pair_kind, g.prompt_id, p.messages,
-                   g.generation_id AS a_id, g.text AS a_text, r.revision_id AS b_id, r.revision AS b_text
-            FROM revisions r JOIN generations g USING (generation_id) JOIN prompts p ON p.prompt_id = g.prompt_id
-            WHERE r.status = 'ok' AND r.revision IS NOT NULL {split_sql}
-            QUALIFY row_number() OVER (PARTITION BY r.generation_id, r.constitution_hash
-                                       ORDER BY r.round DESC, r.revision_id) = 1
-            ORDER BY g.prompt_id, g.generation_id, r.revision_id""", [split] if split else [])
+            SELECT 'initial_vs_revised' AS pair_kind, p.prompt_id, p.messages,
+                   p.generation_id AS a_id, p.initial_response AS a_text, p.revision_id AS b_id, p.revision AS b_text
+            FROM sl_cai p
+            WHERE p.revision IS NOT NULL {split_sql}
+            ORDER BY p.prompt_id, p.generation_id, p.revision_id""", [split] if split else [])
     if "two_samples" in kinds:
         out += store.query(f"""
             SELECT 'two_samples' AS pair_kind, g0.prompt_id, p.messages,
@@ -97,6 +97,15 @@ def load_spec(cfg_judge: str | Path) -> JudgeSpec:
     return load_judge_spec(resolve_judge_spec(cfg_judge))
 
 
+def find_constitution(name_or_path: str | Path) -> Constitution:
+    """A constitution by path, or by name under ./constitutions, else under the cai checkout's."""
+    try:
+        path = resolve_constitution(name_or_path)
+    except FileNotFoundError:
+        path = resolve_constitution(name_or_path, root=REPO_ROOT)
+    return load_constitution(path)
+
+
 def judge_engine(spec: JudgeSpec, model_path: str, engine: str | None = None,
                  engine_options: dict[str, Any] | None = None) -> Engine:
     """The judge's engine (process-cached). The spec's engine_options apply to the spec's engine only."""
@@ -114,7 +123,7 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
 
     started = time.time()
     spec = load_spec(cfg.judge)
-    constitution = load_constitution(resolve_constitution(cfg.constitution))
+    constitution = find_constitution(cfg.constitution)
     engine_kind = cfg.engine or spec.engine
     judge_model_id, judge_path = resolve_in_store(store, cfg.model or spec.model)
 

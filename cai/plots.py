@@ -42,6 +42,7 @@ def plot_training_curves(store: Store, run_id: str, out: str | Path, metrics: Se
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
         if name == "reward":
             ax.legend(fontsize=7)

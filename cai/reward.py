@@ -32,9 +32,11 @@ import json
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -294,13 +296,15 @@ def build_model(path: str, tokenizer, cfg: RewardConfig, device: torch.device):
     return model.to(device)
 
 
-def make_optimizer(model, cfg: RewardConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (embeddings and linear weights), as nanoGPT does."""
+def make_optimizer(model, cfg: RewardConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (embeddings and linear weights), as nanoGPT does.
+    The fused kernel (CPU and CUDA) is ~10x faster than the default on CPU and just as deterministic."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                             fused=device.type in ("cpu", "cuda"))
 
 
 def lr_at(step: int, total_steps: int, cfg: RewardConfig) -> float:
@@ -447,13 +451,36 @@ def model_folder(store: Store, cfg: RewardConfig, model_id: str) -> Path:
     return Path(cfg.output_dir) if cfg.output_dir else store.path.parent / "models" / model_id
 
 
+@contextmanager
+def sigterm_as_interrupt():
+    """Within this block a SIGTERM (``kill``, a scheduler's preemption) raises KeyboardInterrupt like
+    Ctrl-C, so the run is marked 'interrupted' instead of being left 'running'. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train_reward(store: Store, cfg: RewardConfig, *, progress: bool = True,
                  stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train (or resume, or find already trained) the reward model ``cfg`` describes; returns a summary.
 
     ``stop_after_steps``: checkpoint and return after this many optimizer steps in this call (for
-    time-limited jobs; the next call resumes).
+    time-limited jobs; the next call resumes). An interrupted run resumes from its last checkpoint.
     """
+    with sigterm_as_interrupt():
+        return _train_reward(store, cfg, progress=progress, stop_after_steps=stop_after_steps)
+
+
+def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after_steps: int | None) -> dict[str, Any]:
     started = time.time()
     # ---- data ----
     pairs, snapshot = load_pairs(store, cfg)
@@ -497,7 +524,7 @@ def train_reward(store: Store, cfg: RewardConfig, *, progress: bool = True,
         pad_id = tokenizer.pad_token_id
         train, val = encode_pairs(tokenizer, train_pairs, cfg.max_length), encode_pairs(tokenizer, val_pairs, cfg.max_length)
         summary["truncated_sequences"] = train.truncated + val.truncated
-        optimizer = make_optimizer(model, cfg)
+        optimizer = make_optimizer(model, cfg, device)
         pairs_per_step = cfg.batch_size * cfg.grad_accum
         stream, total_steps = data_order(len(train), pairs_per_step, cfg)
         ckpt_meta = {"model_id": model_id, "config_hash": config_hash, "total_steps": total_steps,
@@ -518,6 +545,7 @@ def train_reward(store: Store, cfg: RewardConfig, *, progress: bool = True,
         trainable = [p for p in model.parameters() if p.requires_grad]
         bar = tqdm(total=total_steps, initial=step, desc="train-rm", unit="step", disable=not progress)
         pairs_seen, train_seconds, last_val = 0, 0.0, {}
+        loop_started = time.time()
         while step < total_steps:
             if stop_after_steps is not None and step - start_step >= stop_after_steps:
                 break
@@ -564,8 +592,11 @@ def train_reward(store: Store, cfg: RewardConfig, *, progress: bool = True,
             elif step % cfg.log_every == 0:
                 metrics.flush()
         bar.close()
-        summary |= {"steps": step, "total_steps": total_steps, "train_seconds": round(train_seconds, 2),
-                    "pairs_per_second": round(pairs_seen / train_seconds, 2) if train_seconds else None}
+        # train_seconds: forward/backward/optimizer only; loop_seconds: the whole loop (metrics, evals, checkpoints).
+        loop_seconds = time.time() - loop_started
+        summary |= {"steps": step, "total_steps": total_steps, "pairs_trained": pairs_seen,
+                    "train_seconds": round(train_seconds, 2), "loop_seconds": round(loop_seconds, 2),
+                    "pairs_per_second": round(pairs_seen / loop_seconds, 2) if pairs_seen else None}
 
         if step < total_steps:  # stopped part-way on purpose: leave a checkpoint to resume from
             metrics.flush()
@@ -590,6 +621,9 @@ def train_reward(store: Store, cfg: RewardConfig, *, progress: bool = True,
         model.config.pad_token_id = pad_id
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
+        # Exactly which comparisons were trained and validated on (the snapshot holds only their hash).
+        (out_dir / "training_data.json").write_text(json.dumps(
+            {"train_comparison_ids": train.comparison_ids, "val_comparison_ids": val.comparison_ids}))
         params = cfg.model_dump() | {"lr": cfg.peak_lr, "total_steps": total_steps, "offset": offset}
         write_meta(out_dir, {"model_id": model_id, "offset": offset, "base_model": base_id, "chat_template": True,
                              "max_length": cfg.max_length, "truncation": "left", "pooling": "last_token",

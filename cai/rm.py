@@ -320,8 +320,10 @@ def score_store(rm: RewardModel, store: Store, *, sql: str | None = None, limit:
         raise ValueError("the query must return a 'response' column and a 'messages' (or 'prompt') column")
     prompts = []
     for r in rows:
-        m = r.get("messages", r.get("prompt"))
-        prompts.append(as_messages(json.loads(m) if isinstance(m, str) and m.lstrip().startswith("[") else m))
+        if "messages" in r:  # the store keeps chat lists as JSON text
+            prompts.append(as_messages(json.loads(r["messages"]) if isinstance(r["messages"], str) else r["messages"]))
+        else:
+            prompts.append(as_messages(r["prompt"]))
     rewards = rm.score(prompts, [r["response"] or "" for r in rows], batch_size=batch_size)
     return [{**{k: v for k, v in r.items() if k != "messages"}, "reward": x} for r, x in zip(rows, rewards, strict=True)]
 

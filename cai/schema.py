@@ -99,12 +99,19 @@ _V1_TABLES = [
         revision_request VARCHAR,
         revision VARCHAR,                   -- cleaned text
         raw_revision VARCHAR,               -- what the model wrote
-        status VARCHAR,                     -- ok | empty | unchanged | too_long | ...
+        raw_critique VARCHAR,               -- what the model wrote (critique is the cleaned text)
+        cleaning VARCHAR[],                 -- names of the cleaning rules that changed the revision
+        status VARCHAR,                     -- ok | empty | unchanged | too_long | copied_critique
         reason VARCHAR,
+        parent_revision_id VARCHAR,         -- the round whose revision this one revises (NULL: the generation)
+        critique_tokens INTEGER,
+        revision_tokens INTEGER,
+        finish_reason VARCHAR,              -- of the revision: stop | length
         model_id VARCHAR,
         engine VARCHAR,
-        seed BIGINT,
+        seed BIGINT,                        -- the revision's sampling seed (params has both seeds)
         params JSON,
+        params_hash VARCHAR,
         run_id VARCHAR,
         created_at TIMESTAMP
     )""",
@@ -182,17 +189,36 @@ _V1_TABLES = [
 ]
 
 _V1_VIEWS = [
-    # Final revision of every initial generation: the SL-CAI training pairs.
+    # Final revision of every initial generation: the SL-CAI training pairs. "Final" is the last round
+    # whose revision is ok, per (generation, constitution, reviser model, critique settings).
     """
     CREATE OR REPLACE VIEW sl_cai AS
-    SELECT p.prompt_id, p.prompt_text AS prompt, p.messages, g.generation_id, g.text AS initial_response,
-           r.revision AS revision, r.round AS rounds, r.principle_id AS last_principle_id,
-           r.constitution_hash, r.model_id
+    SELECT p.prompt_id, p.prompt_text AS prompt, p.messages, p.split, p.category,
+           g.generation_id, g.text AS initial_response,
+           r.revision_id, r.revision AS revision, r.round AS rounds, r.principle_id AS last_principle_id,
+           r.constitution_hash, r.model_id, r.params_hash
     FROM revisions r
     JOIN generations g USING (generation_id)
     JOIN prompts p USING (prompt_id)
     WHERE r.status = 'ok'
-    QUALIFY row_number() OVER (PARTITION BY r.generation_id ORDER BY r.round DESC) = 1
+    QUALIFY row_number() OVER (PARTITION BY r.generation_id, r.constitution_hash, r.model_id, r.params_hash
+                               ORDER BY r.round DESC) = 1
+    """,
+    # How the critique rounds went, per constitution and principle: `cai critique --report`.
+    """
+    CREATE OR REPLACE VIEW critique_report AS
+    SELECT constitution_hash, principle_id, count(*) AS rounds,
+           count(*) FILTER (WHERE status = 'ok') AS ok,
+           count(*) FILTER (WHERE status = 'empty') AS empty,
+           count(*) FILTER (WHERE status = 'unchanged') AS unchanged,
+           count(*) FILTER (WHERE status = 'too_long') AS too_long,
+           count(*) FILTER (WHERE status NOT IN ('ok', 'empty', 'unchanged', 'too_long')) AS other,
+           round(count(*) FILTER (WHERE status = 'ok') / count(*), 3) AS ok_rate,
+           count(*) FILTER (WHERE len(cleaning) > 0) AS cleaned,
+           round(avg(length(revision)) FILTER (WHERE status = 'ok'), 1) AS mean_ok_chars
+    FROM revisions
+    GROUP BY constitution_hash, principle_id
+    ORDER BY constitution_hash, principle_id
     """,
     # Comparisons as (chosen, rejected). The tie rule: chosen is response_a when p_a > 0.5 and
     # response_b when p_a < 0.5; p_a = 0.5 exactly carries no preference and is left out (as are
@@ -214,7 +240,10 @@ _V1_VIEWS = [
     """,
     """
     CREATE OR REPLACE VIEW judge_quality AS
-    SELECT subject_id AS judge_spec_hash, dataset, metric, value, details, run_id, created_at
+    SELECT subject_id AS judge_spec_hash, json_extract_string(details, '$.judge') AS judge,
+           json_extract_string(details, '$.model_id') AS judge_model_id,
+           json_extract_string(details, '$.engine') AS engine, dataset,
+           TRY_CAST(json_extract_string(details, '$.n') AS INTEGER) AS n, metric, value, details, run_id, created_at
     FROM evaluations WHERE kind = 'judge_quality'
     """,
     """
