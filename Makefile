@@ -58,19 +58,20 @@ lint: env
 	$(VENV)/bin/ruff check cai flows tests bench
 
 demo: env model
-	$(CAI) --help >/dev/null
 	$(CAI) constitution lint constitutions/*.yaml
-	CAI_DB=$(DEMO_DB) $(CAI) ingest data/prompts/red_team.jsonl data/prompts/helpful.jsonl
-	CAI_DB=$(DEMO_DB) $(CAI) generate --engine vllm --max-tokens 128 --n 2 --temperature 0.8
+	$(CAI) judge lint judges/*.yaml
+	CAI_DB=$(DEMO_DB) $(CAI) run flows/demo.yaml
 	CAI_DB=$(DEMO_DB) $(CAI) db info
 	@echo
-	@echo "Results are in $(DEMO_DB). Try:"
-	@echo "  $(CAI) sql \"select category, count(*), avg(num_tokens) from generations_readable group by all\""
-	@echo "  $(CAI) sql \"select prompt, response from generations_readable where category = 'red_team' limit 5\""
-	@echo "  $(CAI) sql \"select finish_reason, count(*) from generations group by all\""
+	@echo "Results are in $(DEMO_DB) (models, plots and reports beside it, under data/)."
+	@echo "Try (after 'source .venv/bin/activate'):"
+	@echo "  cai sql \"select principle_id, status, count(*) from revisions group by all order by 1\""
+	@echo "  cai sql \"select prompt, chosen, rejected, round(probability, 2) as p, principle_ids from preferences limit 5\""
+	@echo "  cai sql \"select metric, step, round(value, 3) as value from training_curves where stage = 'ppo' and metric in ('reward', 'kl') and split = 'test' order by metric, step\""
+	@echo "  cai sql \"select subject_id, baseline_id, metric, round(value, 3) as value from evaluations where kind = 'policy'\""
 
 bench: env model
-	$(PY) bench/generate.py
+	for b in generate critique judge reward ppo pipeline; do $(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -2,22 +2,60 @@
 
 ``cai run pipeline.yaml`` and the Prefect flow ``cai_pipeline`` take the same file. It is validated
 by pydantic with file:line errors like every spec file. Each stage has its own section, which is
-that stage's config model, so a run file can set anything the stage's CLI can.
+that stage's own config model (the one its CLI builds), so a run file can set anything the stage's
+CLI can, and a typo in any section is reported before the first stage starts.
+
+Sections inherit the top-level ``policy``, ``engine``, ``engine_options``, ``seed``,
+``constitution`` and ``judge`` unless they set their own. Models flow from stage to stage: PPO and
+DPO start from the SFT model when ``sft`` is one of the stages, PPO is rewarded by the reward model
+``train_rm`` trained, and ``evaluate`` judges the policy PPO (or DPO) produced, unless a section
+names its model explicitly. A stage that is in the file but left out of this run (``--stages``)
+hands over the newest model that stage wrote to the store.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cai.critique import CritiqueConfig
+from cai.dpo import DPOConfig
+from cai.evaluate import EvaluateConfig
 from cai.generate import GenerateConfig
+from cai.label import LabelConfig
 from cai.models import DEFAULT_MODEL
+from cai.ppo import PPOConfig
+from cai.reward import RewardConfig
+from cai.sft import SFTConfig
 from cai.yamlio import Problem, SpecError, validate_file
 
 Stage = Literal["ingest", "generate", "critique", "sft", "label", "train_rm", "ppo", "dpo", "evaluate"]
 STAGE_ORDER: list[str] = ["ingest", "generate", "critique", "sft", "label", "train_rm", "ppo", "dpo", "evaluate"]
+TRAINING_STAGES = {"sft", "train_rm", "ppo", "dpo"}
+
+# Which top-level keys each section inherits, and under which name the section calls them.
+_INHERIT: dict[str, dict[str, str]] = {
+    "generate": {"policy": "model", "engine": "engine", "engine_options": "engine_options", "seed": "seed"},
+    "critique": {"policy": "model", "engine": "engine", "engine_options": "engine_options", "seed": "seed",
+                 "constitution": "constitution"},
+    "sft": {"policy": "base_model", "seed": "seed"},
+    "label": {"engine": "engine", "engine_options": "engine_options", "seed": "seed", "constitution": "constitution",
+              "judge": "judge"},
+    "train_rm": {"policy": "base_model", "seed": "seed"},
+    "ppo": {"policy": "policy", "seed": "seed"},
+    "dpo": {"policy": "policy", "seed": "seed"},
+    "evaluate": {"engine": "engine", "engine_options": "engine_options", "seed": "seed",
+                 "constitution": "constitution", "judge": "judge"},
+}
+# Fields a stage takes from an earlier stage's model when the run file does not set them.
+_HANDOFF: dict[str, dict[str, tuple[str, ...]]] = {
+    "ppo": {"policy": ("sft",), "reward": ("train_rm",)},
+    "dpo": {"policy": ("sft",)},
+    "evaluate": {"policy": ("ppo", "dpo"), "reward_model": ("train_rm",)},
+}
 
 
 class IngestSection(BaseModel):
@@ -43,29 +81,39 @@ class PipelineConfig(BaseModel):
 
     ingest: IngestSection = Field(default_factory=IngestSection)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    # Sections of later stages are validated by their own config models when they run.
-    critique: dict[str, Any] = Field(default_factory=dict)
-    sft: dict[str, Any] = Field(default_factory=dict)
-    label: dict[str, Any] = Field(default_factory=dict)
-    train_rm: dict[str, Any] = Field(default_factory=dict)
-    ppo: dict[str, Any] = Field(default_factory=dict)
-    dpo: dict[str, Any] = Field(default_factory=dict)
-    evaluate: dict[str, Any] = Field(default_factory=dict)
+    critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    train_rm: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    # Filled from the file, not written by people: the keys each section set itself (handoffs
+    # never override those).
+    explicit: dict[str, list[str]] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
     def _inherit_top_level(cls, data: Any) -> Any:
-        """Stage sections inherit the top-level policy, engine and seed unless they set their own."""
+        """Stage sections inherit the top-level settings unless they set their own."""
         if not isinstance(data, dict):
             return data
-        gen = data.get("generate")
-        if gen is None or isinstance(gen, dict):
-            gen = dict(gen or {})
-            gen.setdefault("model", data.get("policy", DEFAULT_MODEL))
-            for key in ("engine", "engine_options", "seed"):
-                if key in data:
-                    gen.setdefault(key, data[key])
-            data = {**data, "generate": gen}
+        data = dict(data)
+        explicit: dict[str, list[str]] = {}
+        for section, mapping in _INHERIT.items():
+            raw = data.get(section)
+            if raw is not None and not isinstance(raw, dict):
+                continue  # pydantic reports the wrong type with its line
+            sec = dict(raw or {})
+            explicit[section] = sorted(sec)
+            for top, key in mapping.items():
+                if top in data:
+                    sec.setdefault(key, data[top])
+                elif top == "policy":
+                    sec.setdefault(key, DEFAULT_MODEL)
+            data[section] = sec
+        data["explicit"] = explicit
         return data
 
     @model_validator(mode="after")
@@ -85,24 +133,111 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         if not Path(f).exists():
             problems.append(Problem(str(path), lines.get(("ingest", "files", i)), f"ingest.files[{i}]",
                                     f"no such file {f!r} (paths are relative to where you run cai)"))
+    if "ppo" in cfg.stages and "dpo" in cfg.stages:
+        problems.append(Problem(str(path), lines.get(("stages",)), "stages",
+                                "list ppo or dpo, not both: each fine-tunes the policy and evaluate judges one"))
+    if "ppo" in cfg.stages and "train_rm" not in cfg.stages and "reward" not in cfg.explicit.get("ppo", []):
+        # Fine when a reward model already exists in the store; said here so a typo'd plan is visible early.
+        pass
     if problems:
         raise SpecError(problems)
     return cfg
 
 
-def run_stage(stage: str, cfg: PipelineConfig, store: Any) -> dict[str, Any]:
-    """Run one stage of a pipeline against the store; the same functions the CLI calls."""
+# ---- running stages ---------------------------------------------------------------------------
+def newest_model_of_stage(store: Any, stage: str) -> str | None:
+    """The newest model a stage (``sft``, ``train_rm``, ``ppo``, ``dpo``) registered in the store."""
+    kind = "reward" if stage == "train_rm" else "policy"
+    prefix = {"sft": "sft", "train_rm": "rm", "ppo": "ppo", "dpo": "dpo"}[stage]
+    if not store.path.exists():
+        return None
+    rows = store.query("SELECT model_id FROM models WHERE kind = ? AND model_id LIKE ? "
+                       "ORDER BY created_at DESC LIMIT 1", [kind, f"{prefix}-%"])
+    return rows[0]["model_id"] if rows else None
+
+
+def resolve_handoffs(stage: str, cfg: PipelineConfig, store: Any, produced: dict[str, str]) -> dict[str, Any]:
+    """Fields of ``stage``'s config that come from models earlier stages made."""
+    updates: dict[str, Any] = {}
+    for field, sources in _HANDOFF.get(stage, {}).items():
+        if field in cfg.explicit.get(stage, []):
+            continue
+        for source in sources:
+            if source not in cfg.stages:
+                continue
+            model = produced.get(source) or newest_model_of_stage(store, source)
+            if model:
+                updates[field] = model
+                break
+    return updates
+
+
+def stage_config(stage: str, cfg: PipelineConfig, store: Any, produced: dict[str, str]) -> BaseModel:
+    section = getattr(cfg, stage)
+    updates = resolve_handoffs(stage, cfg, store, produced)
+    return section.model_copy(update=updates) if updates else section
+
+
+def run_stage(stage: str, cfg: PipelineConfig, store: Any, produced: dict[str, str] | None = None,
+              *, progress: bool = False) -> dict[str, Any]:
+    """Run one stage of a pipeline against the store; the same functions the CLI calls.
+
+    ``produced`` maps stage name to the model id that stage made in this run; training stages
+    add theirs to it.
+    """
+    produced = produced if produced is not None else {}
+    started = time.time()
     if stage == "ingest":
         from cai.ingest import ingest_file
 
-        out: dict[str, Any] = {"files": {}, "inserted": 0}
+        out: dict[str, Any] = {"files": {}, "inserted": 0, "skipped": 0}
         for f in cfg.ingest.files:
             r = ingest_file(store, f, skip_invalid=cfg.ingest.skip_invalid, test_fraction=cfg.ingest.test_fraction)
             out["files"][f] = {"read": r.read, "inserted": r.inserted, "skipped": len(r.skipped)}
             out["inserted"] += r.inserted
+            out["skipped"] += len(r.skipped)
+        out["seconds"] = round(time.time() - started, 2)
         return out
+    section = stage_config(stage, cfg, store, produced)
     if stage == "generate":
         from cai.generate import run_generate
 
-        return run_generate(store, cfg.generate, progress=False)
-    raise NotImplementedError(f"stage {stage!r} is not wired into the pipeline yet")
+        summary = run_generate(store, section, progress=progress)
+    elif stage == "critique":
+        from cai.critique import run_critique
+
+        summary = run_critique(store, section, progress=progress)
+    elif stage == "sft":
+        from cai.sft import run_sft
+
+        summary = run_sft(store, section, progress=progress)
+    elif stage == "label":
+        from cai.label import run_label
+
+        summary = run_label(store, section, progress=progress)
+    elif stage == "train_rm":
+        from cai.reward import train_reward
+
+        summary = train_reward(store, section, progress=progress)
+    elif stage == "ppo":
+        from cai.ppo import run_ppo
+
+        if section.reward is None:
+            raise ValueError("the ppo stage needs a reward model: add train_rm to the stages, or set ppo.reward "
+                             "(a reward model id or folder, judge:SPEC, or python:module:function)")
+        summary = run_ppo(store, section, progress=progress)
+    elif stage == "dpo":
+        from cai.dpo import run_dpo
+
+        summary = run_dpo(store, section, progress=progress)
+    elif stage == "evaluate":
+        from cai.evaluate import run_evaluate
+
+        summary = run_evaluate(store, section, progress=progress)
+    else:  # pragma: no cover - Stage is a Literal
+        raise ValueError(f"unknown stage {stage!r}")
+    summary = dict(summary)
+    if stage in TRAINING_STAGES and summary.get("model_id"):
+        produced[stage] = summary["model_id"]
+    summary.setdefault("seconds", round(time.time() - started, 2))
+    return summary

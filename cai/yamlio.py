@@ -8,9 +8,9 @@ and list item, and translate each pydantic error location back to a line of the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import yaml

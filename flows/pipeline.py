@@ -3,45 +3,123 @@
 Each stage is a Prefect task that calls the same function the CLI calls (``cai.pipeline.run_stage``).
 Stages are idempotent against the store, so Prefect's retries (and a re-run after a crash, even
 ``kill -9``) continue where the work stopped and write nothing twice. Tasks run in the flow's own
-process, so a model loaded by one stage (``cai.engines.get_engine``) is reused by the next.
+process, so a model loaded by one stage (``cai.engines.get_engine``) is reused by the next: one vLLM
+engine serves generate, critique, label and evaluate when they share a model.
+
+Every stage publishes Prefect artifacts: a markdown summary (rows written, rejects and why, time,
+throughput) and, for training and evaluation, a table of the final metrics with links to the PNG plots.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
-from cai.pipeline import PipelineConfig, load_pipeline, run_stage
+from cai.pipeline import TRAINING_STAGES, PipelineConfig, load_pipeline, run_stage
 from cai.store import Store
 
+# What counts as "rows written" in each stage's summary, for the artifact's headline.
+_WRITTEN_KEYS = ("inserted", "generated", "revised", "labelled", "written", "rows_written")
 
-def _markdown_summary(stage: str, summary: dict[str, Any], seconds: float) -> str:
-    lines = [f"# {stage}", "", f"Finished in {seconds:.1f} s.", "", "| key | value |", "|---|---|"]
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict | list):
+        text = json.dumps(v, default=str)
+        return text if len(text) <= 200 else text[:197] + "..."
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def plots_of(summary: dict[str, Any]) -> list[str]:
+    plots = list(summary.get("plots") or [])
+    if summary.get("plot"):
+        plots.append(summary["plot"])
+    return [str(p) for p in plots]
+
+
+def markdown_summary(stage: str, summary: dict[str, Any], seconds: float) -> str:
+    written = {k: summary[k] for k in _WRITTEN_KEYS if k in summary}
+    lines = [f"# {stage}", "", f"Finished in {seconds:.1f} s."]
+    if written:
+        lines.append("Rows written: " + ", ".join(f"{k} {v}" for k, v in written.items()) + ".")
+    rejects = {k: v for k, v in summary.items() if k in ("status", "skipped", "invalid", "reasons", "identical")}
+    if rejects:
+        lines.append("Rejected or flagged: " + ", ".join(f"{k} {_cell(v)}" for k, v in rejects.items()) + ".")
+    lines += ["", "| key | value |", "|---|---|"]
     for k, v in summary.items():
-        if isinstance(v, dict | list):
-            v = json.dumps(v, default=str)
-        lines.append(f"| {k} | {v} |")
-    for png in summary.get("plots", []) if isinstance(summary.get("plots"), list) else []:
+        if k in ("plots", "plot"):
+            continue
+        lines.append(f"| {k} | {_cell(v)} |")
+    for png in plots_of(summary):
         lines += ["", f"Plot: [{Path(png).name}](file://{Path(png).resolve()})"]
     return "\n".join(lines)
 
 
-@task(name="cai-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=[5, 30])
-def stage_task(stage: str, cfg: PipelineConfig) -> dict[str, Any]:
+def final_metrics(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """The last value of every metric a training run logged, per split."""
+    return store.query(
+        "SELECT split, name AS metric, arg_max(value, step) AS value, max(step) AS step FROM metrics "
+        "WHERE run_id = ? GROUP BY split, name ORDER BY split, name", [run_id])
+
+
+def publish(stage: str, summary: dict[str, Any], seconds: float, store: Store) -> None:
+    """Prefect artifacts for one stage (best effort: a stage never fails for its report)."""
+    logger = get_run_logger()
+    key = f"cai-{stage.replace('_', '-')}"
+    try:
+        if stage in TRAINING_STAGES and summary.get("run_id") and not plots_of(summary):
+            from cai.plots import plot_training_curves
+
+            out = Path(summary.get("path") or store.path.parent / "plots") / "training_curves.png"
+            summary["plot"] = str(plot_training_curves(store, summary["run_id"], out,
+                                                       title=f"{stage} {summary.get('model_id', '')}"))
+        create_markdown_artifact(key=key, markdown=markdown_summary(stage, summary, seconds),
+                                 description=f"cai {stage} summary")
+        if stage in TRAINING_STAGES and summary.get("run_id"):
+            rows = final_metrics(store, summary["run_id"])
+            if rows:
+                create_table_artifact(key=f"{key}-metrics", table=rows,
+                                      description=f"cai {stage}: final metrics of run {summary['run_id']}")
+        if stage == "evaluate" and summary.get("run_id"):
+            rows = store.query("SELECT metric, value, subject_id, baseline_id, dataset FROM evaluations "
+                               "WHERE run_id = ? ORDER BY metric", [summary["run_id"]])
+            if rows:
+                create_table_artifact(key=f"{key}-results", table=rows, description="cai evaluate: results")
+    except Exception as e:  # noqa: BLE001 - reporting must not fail the stage
+        logger.warning("could not publish artifacts for %s: %s", stage, e)
+
+
+@task(name="cai-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
+def stage_task(stage: str, cfg: PipelineConfig, produced: dict[str, str] | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     store = Store(cfg.db) if cfg.db else Store()
     started = time.time()
-    summary = run_stage(stage, cfg, store)
+    produced = dict(produced or {})
+    summary = run_stage(stage, cfg, store, produced, progress=sys.stderr.isatty())
     seconds = time.time() - started
     logger.info("%s: %s", stage, json.dumps(summary, default=str))
-    create_markdown_artifact(key=f"cai-{stage.replace('_', '-')}", markdown=_markdown_summary(stage, summary, seconds),
-                             description=f"cai {stage} summary")
+    publish(stage, summary, seconds, store)
     return summary
+
+
+def run_stages(cfg: PipelineConfig, stages: list[str]) -> dict[str, Any]:
+    """Run stages in order inside the current flow, handing each training stage's model to the next."""
+    results: dict[str, Any] = {}
+    produced: dict[str, str] = {}
+    for stage in stages:
+        summary = stage_task(stage, cfg, produced)
+        results[stage] = summary
+        if stage in TRAINING_STAGES and isinstance(summary, dict) and summary.get("model_id"):
+            produced[stage] = summary["model_id"]
+    return results
 
 
 @flow(name="cai_pipeline", log_prints=True)
@@ -49,10 +127,7 @@ def cai_pipeline(run_file: str = "pipeline.yaml", stages: list[str] | None = Non
     """ingest → generate → critique → sft → label → train-rm → ppo/dpo → evaluate, as the run file says."""
     cfg = load_pipeline(run_file)
     todo = [s for s in cfg.ordered_stages() if stages is None or s in stages]
-    results: dict[str, Any] = {}
-    for stage in todo:
-        results[stage] = stage_task(stage, cfg)
-    return results
+    return run_stages(cfg, todo)
 
 
 def run_pipeline(run_file: str | Path, stages: list[str] | None = None) -> dict[str, Any]:
@@ -61,6 +136,4 @@ def run_pipeline(run_file: str | Path, stages: list[str] | None = None) -> dict[
 
 
 if __name__ == "__main__":
-    import sys
-
     print(json.dumps(run_pipeline(sys.argv[1] if len(sys.argv) > 1 else "pipeline.yaml"), indent=2, default=str))

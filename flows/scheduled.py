@@ -11,13 +11,13 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import stage_task
 from cai.pipeline import load_pipeline
+from flows.pipeline import run_stages
 
 
 def _run(run_file: str, stages: list[str]) -> dict[str, Any]:
     cfg = load_pipeline(run_file)
-    return {stage: stage_task(stage, cfg) for stage in stages}
+    return run_stages(cfg, stages)
 
 
 @flow(name="label_new_prompts", log_prints=True)

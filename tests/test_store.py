@@ -48,10 +48,9 @@ def test_inserts_are_idempotent(store):
 
 
 def test_failed_batch_writes_nothing(store):
-    with pytest.raises(KeyError):
-        with store.write() as con:
-            con.execute("insert into prompts (prompt_id, messages) values ('ok', '[]')")
-            store.insert("prompts", [{"prompt_id": "x", "no_such_column": 1}], con=con)
+    with pytest.raises(KeyError), store.write() as con:
+        con.execute("insert into prompts (prompt_id, messages) values ('ok', '[]')")
+        store.insert("prompts", [{"prompt_id": "x", "no_such_column": 1}], con=con)
     assert store.scalar("select count(*) from prompts") == 0
 
 

@@ -1,0 +1,97 @@
+"""Where the time of a whole pipeline run goes: each stage's seconds and share of the total.
+
+Runs the stages of a run file (default ``flows/demo.yaml``, the one ``make demo`` runs) in this
+process against a fresh DuckDB file, the same way the Prefect flow does (``cai.pipeline.run_stage``,
+one engine shared by the stages that use the same model), and prints a table: seconds, share of
+the total, and the stage's own throughput figure where it reports one. The baseline is the total of
+the same run, so the shares are comparable across machines.
+
+    .venv/bin/python bench/pipeline.py
+    .venv/bin/python bench/pipeline.py --run-file flows/demo.yaml --stages ingest,generate,critique
+    .venv/bin/python bench/pipeline.py --from-db data/cai.duckdb   # report on runs already in a store
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Summary keys that say how fast a stage went, in the order we prefer to show them.
+_RATE_KEYS = ("tokens_per_second", "generations_per_second", "revisions_per_second", "pairs_per_second",
+              "steps_per_second", "seconds_per_step")
+
+
+def report(rows: list[tuple[str, float, str]]) -> None:
+    total = sum(s for _, s, _ in rows) or 1.0
+    print(f"{'stage':<10} {'seconds':>9} {'share':>7}  throughput")
+    for stage, seconds, rate in rows:
+        print(f"{stage:<10} {seconds:>9.1f} {seconds / total:>6.1%}  {rate}")
+    print(f"{'total':<10} {total:>9.1f} {1:>6.0%}")
+
+
+def rate_of(summary: dict) -> str:
+    for k in _RATE_KEYS:
+        if k in summary and summary[k] is not None:
+            return f"{k}={summary[k]}"
+    return ""
+
+
+def from_db(path: Path) -> None:
+    from cai.store import Store
+
+    store = Store(path)
+    rows = store.query("SELECT stage, sum(epoch(finished_at - started_at)) AS seconds, count(*) AS runs "
+                       "FROM runs WHERE status = 'ok' AND finished_at IS NOT NULL GROUP BY stage")
+    order = ["generate", "critique", "sft", "label", "train_rm", "train-rm", "reward", "ppo", "dpo", "evaluate"]
+    rows.sort(key=lambda r: order.index(r["stage"]) if r["stage"] in order else 99)
+    report([(r["stage"], float(r["seconds"]), f"{r['runs']} run(s)") for r in rows])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-file", type=Path, default=REPO / "flows" / "demo.yaml")
+    ap.add_argument("--stages", help="Comma-separated subset of the run file's stages.")
+    ap.add_argument("--from-db", type=Path, help="Only report the stage times recorded in this store.")
+    ap.add_argument("--keep", action="store_true", help="Keep the temporary store and models.")
+    a = ap.parse_args()
+    if a.from_db:
+        from_db(a.from_db)
+        return
+
+    from cai.engines import clear_engines
+    from cai.pipeline import load_pipeline, run_stage
+    from cai.store import Store
+
+    cfg = load_pipeline(a.run_file)
+    stages = [s for s in cfg.ordered_stages() if not a.stages or s in a.stages.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="cai-bench-pipeline-"))
+    store = Store(work / "cai.duckdb")
+    produced: dict[str, str] = {}
+    rows: list[tuple[str, float, str]] = []
+    print(f"run file {a.run_file}, stages {', '.join(stages)}, store {store.path}", flush=True)
+    try:
+        for stage in stages:
+            started = time.perf_counter()
+            summary = run_stage(stage, cfg, store, produced)
+            seconds = time.perf_counter() - started
+            rows.append((stage, seconds, rate_of(summary)))
+            print(f"  {stage}: {seconds:.1f} s  {json.dumps(summary, default=str)[:200]}", flush=True)
+    finally:
+        clear_engines()
+        if not a.keep:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    report(rows)
+
+
+if __name__ == "__main__":
+    main()
