@@ -37,7 +37,7 @@ STAGE_ORDER: list[str] = ["ingest", "generate", "critique", "sft", "label", "tra
 TRAINING_STAGES = {"sft", "train_rm", "ppo", "dpo"}
 
 # Which top-level keys each section inherits, and under which name the section calls them.
-_INHERIT: dict[str, dict[str, str]] = {
+_INHERIT: dict[str, dict[str, str | tuple[str, ...]]] = {
     "generate": {"policy": "model", "engine": "engine", "engine_options": "engine_options", "seed": "seed"},
     "critique": {"policy": "model", "engine": "engine", "engine_options": "engine_options", "seed": "seed",
                  "constitution": "constitution"},
@@ -47,8 +47,8 @@ _INHERIT: dict[str, dict[str, str]] = {
     "train_rm": {"policy": "base_model", "seed": "seed"},
     "ppo": {"policy": "policy", "seed": "seed"},
     "dpo": {"policy": "policy", "seed": "seed"},
-    "evaluate": {"engine": "engine", "engine_options": "engine_options", "seed": "seed",
-                 "constitution": "constitution", "judge": "judge"},
+    "evaluate": {"engine": ("engine", "judge_engine"), "engine_options": ("engine_options", "judge_engine_options"),
+                 "seed": "seed", "constitution": "constitution", "judge": "judge"},
 }
 # Fields a stage takes from an earlier stage's model when the run file does not set them.
 _HANDOFF: dict[str, dict[str, tuple[str, ...]]] = {
@@ -107,11 +107,12 @@ class PipelineConfig(BaseModel):
                 continue  # pydantic reports the wrong type with its line
             sec = dict(raw or {})
             explicit[section] = sorted(sec)
-            for top, key in mapping.items():
-                if top in data:
-                    sec.setdefault(key, data[top])
-                elif top == "policy":
-                    sec.setdefault(key, DEFAULT_MODEL)
+            for top, keys in mapping.items():
+                for key in (keys,) if isinstance(keys, str) else keys:
+                    if top in data:
+                        sec.setdefault(key, data[top])
+                    elif top == "policy":
+                        sec.setdefault(key, DEFAULT_MODEL)
             data[section] = sec
         data["explicit"] = explicit
         return data

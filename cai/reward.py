@@ -67,6 +67,9 @@ class RewardConfig(BaseModel):
     judge_spec_hash: str | None = Field(None, description="Only comparisons labelled by this judge spec.")
     constitution_hash: str | None = Field(None, description="Only comparisons under this constitution.")
     pair_kind: str | None = Field(None, description="Only comparisons of this kind (e.g. initial_vs_revised).")
+    split: Literal["train", "test"] | None = Field(
+        "train", description="Only comparisons of prompts in this split (None: all). The default keeps held-out "
+                             "prompts, and the policy evaluations judged on them, out of training.")
     min_confidence: float = Field(0.5, ge=0.5, le=1.0,
                                   description="Drop comparisons whose max(p_a, 1 - p_a) is below this.")
     limit: int | None = Field(None, ge=2, description="At most this many comparisons (by id order).")
@@ -139,6 +142,9 @@ def load_pairs(store: Store, cfg: RewardConfig) -> tuple[list[Pair], dict[str, A
         if getattr(cfg, column) is not None:
             where.append(f"c.{column} = ?")
             args.append(getattr(cfg, column))
+    if cfg.split is not None:
+        where.append("coalesce(p.split, 'train') = ?")
+        args.append(cfg.split)
     sql = ("SELECT c.comparison_id, c.prompt_id, p.messages, c.response_a, c.response_b, c.p_a, "
            "c.judge_spec_hash, c.judge_name, c.judge_model_id, c.constitution_hash, c.pair_kind "
            "FROM comparisons c JOIN prompts p USING (prompt_id) WHERE " + " AND ".join(where) +
@@ -162,7 +168,7 @@ def load_pairs(store: Store, cfg: RewardConfig) -> tuple[list[Pair], dict[str, A
         "constitution_hashes": distinct("constitution_hash"),
         "pair_kinds": {k: sum(r["pair_kind"] == k for r in rows) for k in distinct("pair_kind")},
         "mean_confidence": round(sum(max(p.p_a, 1 - p.p_a) for p in pairs) / max(len(pairs), 1), 4),
-        "filters": {k: getattr(cfg, k) for k in ("judge_spec_hash", "constitution_hash", "pair_kind",
+        "filters": {k: getattr(cfg, k) for k in ("judge_spec_hash", "constitution_hash", "pair_kind", "split",
                                                  "min_confidence", "limit", "hard_labels")},
     }
     return pairs, snapshot

@@ -260,7 +260,44 @@ _V1_VIEWS = [
     """,
 ]
 
+# Version 2: views over the evaluate stage's rows (`cai evaluate`, cai/evaluate.py).
+_V2_VIEWS = [
+    # One row per policy metric: the policy's value and, where the metric has one, the baseline's.
+    """
+    CREATE OR REPLACE VIEW policy_evaluations AS
+    SELECT e.subject_id AS policy_id, e.baseline_id, e.dataset, e.metric, e.value,
+           TRY_CAST(json_extract_string(e.details, '$.baseline_value') AS DOUBLE) AS baseline_value,
+           TRY_CAST(json_extract_string(e.details, '$.n') AS INTEGER) AS n,
+           TRY_CAST(json_extract_string(e.details, '$.stderr') AS DOUBLE) AS stderr,
+           json_extract_string(e.details, '$.judge') AS judge,
+           json_extract_string(e.details, '$.judge_spec_hash') AS judge_spec_hash,
+           json_extract_string(e.details, '$.constitution_hash') AS constitution_hash,
+           json_extract_string(e.details, '$.reward_model_id') AS reward_model_id,
+           e.details, e.run_id, e.created_at
+    FROM evaluations e
+    WHERE e.kind = 'policy' AND e.metric <> 'elo'
+    """,
+    # The latest Elo of every evaluated model, per judge spec and constitution.
+    """
+    CREATE OR REPLACE VIEW policy_elo AS
+    SELECT e.subject_id AS model_id, e.value AS elo,
+           TRY_CAST(json_extract_string(e.details, '$.games') AS INTEGER) AS games,
+           TRY_CAST(json_extract_string(e.details, '$.score') AS DOUBLE) AS score,
+           json_extract_string(e.details, '$.judge') AS judge,
+           json_extract_string(e.details, '$.judge_spec_hash') AS judge_spec_hash,
+           json_extract_string(e.details, '$.constitution_hash') AS constitution_hash,
+           e.run_id, e.created_at
+    FROM evaluations e
+    WHERE e.kind = 'policy' AND e.metric = 'elo'
+    QUALIFY row_number() OVER (
+        PARTITION BY e.subject_id, json_extract_string(e.details, '$.judge_spec_hash'),
+                     json_extract_string(e.details, '$.constitution_hash')
+        ORDER BY e.created_at DESC) = 1
+    """,
+]
+
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (1, _V1_TABLES + _V1_VIEWS),
+    (2, _V2_VIEWS),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -59,3 +59,11 @@ def constitution_path() -> Path:
 @pytest.fixture(scope="session")
 def demo_prompt_files() -> list[Path]:
     return [REPO / "data" / "prompts" / "red_team.jsonl", REPO / "data" / "prompts" / "helpful.jsonl"]
+
+
+@pytest.fixture(scope="session")
+def brief_policy_dir(tmp_path_factory, smol_path) -> Path:
+    """A tiny policy taught to give one of a few short replies and stop (it samples EOS)."""
+    from cai.testing import build_tiny_model, train_brief
+
+    return train_brief(build_tiny_model(tmp_path_factory.mktemp("tiny") / "brief", "policy"))

@@ -30,7 +30,9 @@ def test_ingest_sql_and_db_info(tmp_path, demo_prompt_files):
     out = cai("ingest", *demo_prompt_files, db=db)
     assert "new" in out.stdout
     info = cai("db", "info", "--db", db).stdout
-    assert "schema version 1" in info and "prompts" in info
+    from cai.schema import SCHEMA_VERSION
+
+    assert f"schema version {SCHEMA_VERSION}" in info and "prompts" in info
     table = cai("sql", "select category, count(*) as n from prompts group by all order by 1", db=db).stdout
     assert "red_team" in table and "helpful" in table
     rows = json.loads("[" + ",".join(cai("sql", "select category from prompts limit 3", "-f", "json", db=db)

@@ -22,16 +22,27 @@ BIN = Path(sys.executable).parent
 TABLES = ("prompts", "generations", "revisions", "comparisons", "models", "metrics", "evaluations")
 
 
+def tiny_judge(tmp_path: Path, model: Path) -> Path:
+    """The shipped multiple-choice judge on a tiny model; a random model puts ~2e-5 on each option,
+    so the improbable-options check is off."""
+    text = (REPO / "judges" / "multiple-choice.yaml").read_text()
+    text = text.replace("model: smollm2-135m-instruct", f"model: {model}")
+    text = text.replace("min_option_prob: 0.01", "min_option_prob: 0")
+    out = tmp_path / "judge.yaml"
+    out.write_text(text)
+    return out
+
+
 def tiny_run_file(tmp_path: Path, policy: Path, stages: list[str], **over) -> Path:
     spec = {
         "name": "tiny", "db": str(tmp_path / "cai.duckdb"), "policy": str(policy), "engine": "transformers",
-        "seed": 3, "stages": stages,
+        "judge": str(tiny_judge(tmp_path, policy)), "seed": 3, "stages": stages,
         "ingest": {"files": [str(REPO / "data/prompts/red_team.jsonl"), str(REPO / "data/prompts/helpful.jsonl")],
                    "test_fraction": 0.1},
-        "generate": {"split": "train", "limit": 6, "n": 2, "max_tokens": 8, "temperature": 1.0},
-        "critique": {"rounds": 1, "critique_max_tokens": 8, "revision_max_tokens": 8, "max_growth": None},
+        "generate": {"split": "train", "limit": 6, "n": 2, "max_tokens": 16, "temperature": 1.0},
+        "critique": {"rounds": 1, "critique_max_tokens": 12, "revision_max_tokens": 16, "max_growth": None,
+                     "temperature": 1.0},
         "sft": {"max_steps": 2, "batch_size": 2, "max_length": 256, "val_fraction": 0.0},
-        "label": {"model": str(policy)},
         "train_rm": {"max_steps": 2, "batch_size": 2, "max_length": 256, "val_fraction": 0.2},
         "ppo": {"steps": 2, "batch_size": 4, "minibatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6,
                 "eval_prompts": 2, "limit": 8, "threads": 1},
@@ -71,9 +82,9 @@ def test_sections_inherit_and_keep_what_they_set(tmp_path, tiny_policy_dir):
     assert "model" in cfg.explicit["critique"] and "policy" not in cfg.explicit["ppo"]
 
 
-def test_every_stage_on_tiny_models_hands_models_on_and_reruns_write_nothing(tmp_path, tiny_policy_dir):
+def test_every_stage_on_tiny_models_hands_models_on_and_reruns_write_nothing(tmp_path, brief_policy_dir):
     stages = ["ingest", "generate", "critique", "sft", "label", "train_rm", "ppo", "evaluate"]
-    cfg = load_pipeline(tiny_run_file(tmp_path, tiny_policy_dir, stages))
+    cfg = load_pipeline(tiny_run_file(tmp_path, brief_policy_dir, stages))
     store = Store(cfg.db)
     produced: dict[str, str] = {}
     summaries = {s: run_stage(s, cfg, store, produced) for s in stages}
@@ -104,9 +115,9 @@ def test_every_stage_on_tiny_models_hands_models_on_and_reruns_write_nothing(tmp
     assert {t: after[t] for t in TABLES if t not in ("metrics",)} == {t: before[t] for t in TABLES if t != "metrics"}
 
 
-def test_stage_left_out_of_a_run_hands_over_its_newest_model(tmp_path, tiny_policy_dir):
+def test_stage_left_out_of_a_run_hands_over_its_newest_model(tmp_path, brief_policy_dir):
     stages = ["ingest", "generate", "label", "train_rm", "ppo"]
-    cfg = load_pipeline(tiny_run_file(tmp_path, tiny_policy_dir, stages))
+    cfg = load_pipeline(tiny_run_file(tmp_path, brief_policy_dir, stages))
     store = Store(cfg.db)
     produced: dict[str, str] = {}
     for s in ["ingest", "generate", "label", "train_rm"]:
