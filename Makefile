@@ -68,7 +68,7 @@ demo: env model
 	@echo "  cai sql \"select principle_id, status, count(*) from revisions group by all order by 1\""
 	@echo "  cai sql \"select prompt, chosen, rejected, round(probability, 2) as p, principle_ids from preferences limit 5\""
 	@echo "  cai sql \"select metric, step, round(value, 3) as value from training_curves where stage = 'ppo' and metric in ('reward', 'kl') and split = 'test' order by metric, step\""
-	@echo "  cai sql \"select subject_id, baseline_id, metric, round(value, 3) as value from evaluations where kind = 'policy'\""
+	@echo "  cai sql \"select policy_id, baseline_id, metric, round(value, 3) as policy, round(baseline_value, 3) as baseline from policy_evaluations\""
 
 bench: env model
 	for b in generate critique judge reward ppo pipeline; do $(PY) bench/$$b.py || exit 1; done

@@ -12,8 +12,7 @@ def test_demo_prompt_sets(store, demo_prompt_files):
     r1 = ingest_file(store, red)
     r2 = ingest_file(store, helpful)
     assert r1.inserted >= 100 and r2.inserted >= 100
-    counts = dict(store.query("select category, count(*) n from prompts group by all")[i].values()
-                  for i in range(2))
+    counts = {r["category"]: r["n"] for r in store.query("select category, count(*) n from prompts group by all")}
     assert counts["red_team"] >= 100 and counts["helpful"] >= 100
     # Re-ingesting is a no-op.
     again = ingest_file(store, red)
