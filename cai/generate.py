@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from cai.engines import Engine, SamplingParams, get_engine
+from cai.engines import Engine, SamplingParams, get_engine, sample_seed
 from cai.models import DEFAULT_MODEL, resolve_in_store
 from cai.store import Store, content_hash, now
 
@@ -68,6 +68,21 @@ def select_prompts(store: Store, *, split: str | None = None, category: str | No
     return rows
 
 
+def contiguous_chunks(prompts: list[dict[str, Any]], todo: list[dict[str, Any]],
+                      batch_size: int) -> list[tuple[int, list[dict[str, Any]]]]:
+    """``todo`` cut into chunks of at most ``batch_size`` prompts that sit next to each other in
+    ``prompts``, each with the index of its first prompt there (what its seed is offset by)."""
+    index = {p["prompt_id"]: k for k, p in enumerate(prompts)}
+    chunks: list[tuple[int, list[dict[str, Any]]]] = []
+    for p in todo:
+        k = index[p["prompt_id"]]
+        if chunks and len(chunks[-1][1]) < batch_size and index[chunks[-1][1][-1]["prompt_id"]] == k - 1:
+            chunks[-1][1].append(p)
+        else:
+            chunks.append((k, [p]))
+    return chunks
+
+
 def run_generate(store: Store, cfg: GenerateConfig, *, engine: Engine | None = None,
                  progress: bool = True) -> dict[str, Any]:
     """Fill ``generations`` for the selected prompts; returns a summary."""
@@ -95,20 +110,21 @@ def run_generate(store: Store, cfg: GenerateConfig, *, engine: Engine | None = N
     gen_seconds = 0.0
     bar = tqdm(total=len(todo), desc=f"generate ({cfg.engine})", unit="prompt", disable=not progress)
     try:
-        for start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[start:start + cfg.batch_size]
-            # Offset the seed per chunk so chunks don't repeat each other's random streams.
-            chunk_params = SamplingParams(**{**params.to_dict(), "seed": params.seed + start})
+        for first, chunk in contiguous_chunks(prompts, todo, cfg.batch_size):
+            # Request i of an engine call samples with seed + i, so offsetting the seed by the chunk's
+            # position among *all* selected prompts gives every prompt the same seed whether it is
+            # generated in a first run or in a resumed one.
+            chunk_params = SamplingParams(**{**params.to_dict(), "seed": params.seed + first})
             t0 = time.time()
             outputs = engine.chat([p["messages"] for p in chunk], chunk_params)
             gen_seconds += time.time() - t0
             rows, stamp = [], now()
-            for p, completions in zip(chunk, outputs, strict=True):
+            for k, (p, completions) in enumerate(zip(chunk, outputs, strict=True)):
                 for i, c in enumerate(completions):
                     rows.append({
                         "generation_id": wanted[p["prompt_id"]][i], "prompt_id": p["prompt_id"],
                         "stage": cfg.stage, "model_id": model_id, "engine": cfg.engine, "sample_index": i,
-                        "seed": chunk_params.seed, "params": params_json, "params_hash": params.hash(),
+                        "seed": sample_seed(chunk_params.seed, k, i), "params": params_json, "params_hash": params.hash(),
                         "text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
                         "num_tokens": c.num_tokens, "finish_reason": c.finish_reason,
                         "run_id": run_id, "created_at": stamp,

@@ -69,6 +69,28 @@ def test_same_seed_same_samples(tmp_path, demo_prompt_files, tiny_policy_dir):
     assert texts[0] == texts[1]
 
 
+def test_resumed_run_samples_what_an_uninterrupted_run_would(tmp_path, demo_prompt_files, tiny_policy_dir):
+    """A crash leaves holes; the re-run fills them with the very samples a run without a crash makes."""
+    from cai.store import Store
+
+    def texts(s):
+        return {r["generation_id"]: (r["text"], r["seed"]) for r in s.query("select * from generations")}
+
+    whole, resumed = Store(tmp_path / "whole.duckdb"), Store(tmp_path / "resumed.duckdb")
+    for s in (whole, resumed):
+        ingest_file(s, demo_prompt_files[1])
+    c = cfg(tiny_policy_dir, n=2, seed=4, temperature=1.0, batch_size=3)
+    run_generate(whole, c, progress=False)
+    run_generate(resumed, c, progress=False)
+    with resumed.write() as con:  # the holes a crash would leave: a middle prompt and one sample of another
+        ids = [r[0] for r in con.execute("select generation_id from generations order by prompt_id, sample_index")
+               .fetchall()]
+        con.execute("delete from generations where generation_id in (?, ?, ?)", [ids[4], ids[5], ids[9]])
+    assert run_generate(resumed, c, progress=False)["generated"] == 3
+    assert texts(resumed) == texts(whole)
+    assert len({seed for _, seed in texts(whole).values()}) == 12  # one seed per sample, recorded
+
+
 def test_no_prompts_is_a_clear_error(store, tiny_policy_dir):
     with pytest.raises(LookupError, match="cai ingest"):
         run_generate(store, cfg(tiny_policy_dir), progress=False)
