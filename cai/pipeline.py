@@ -137,9 +137,6 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     if "ppo" in cfg.stages and "dpo" in cfg.stages:
         problems.append(Problem(str(path), lines.get(("stages",)), "stages",
                                 "list ppo or dpo, not both: each fine-tunes the policy and evaluate judges one"))
-    if "ppo" in cfg.stages and "train_rm" not in cfg.stages and "reward" not in cfg.explicit.get("ppo", []):
-        # Fine when a reward model already exists in the store; said here so a typo'd plan is visible early.
-        pass
     if problems:
         raise SpecError(problems)
     return cfg
