@@ -8,7 +8,7 @@ the same run, so the shares are comparable across machines.
 
     .venv/bin/python bench/pipeline.py
     .venv/bin/python bench/pipeline.py --run-file flows/demo.yaml --stages ingest,generate,critique
-    .venv/bin/python bench/pipeline.py --from-db data/cai.duckdb   # report on runs already in a store
+    .venv/bin/python bench/pipeline.py --from-db data/cai.duckdb   # each stage's latest run in a store
 """
 
 from __future__ import annotations
@@ -43,26 +43,40 @@ def rate_of(summary: dict) -> str:
     return ""
 
 
-def from_db(path: Path) -> None:
+def from_db(path: Path, all_runs: bool = False) -> None:
+    """Stage times recorded in a store: each stage's latest finished run (a store that saw several
+    pipeline runs, or a crash and a resume, holds several runs of a stage), or their sum."""
     from cai.store import Store
 
     store = Store(path)
-    rows = store.query("SELECT stage, sum(epoch(finished_at - started_at)) AS seconds, count(*) AS runs "
-                       "FROM runs WHERE status = 'ok' AND finished_at IS NOT NULL GROUP BY stage")
-    order = ["generate", "critique", "sft", "label", "train_rm", "train-rm", "reward", "ppo", "dpo", "evaluate"]
+    finished = ("SELECT stage, epoch(finished_at - started_at) AS seconds, started_at FROM runs "
+                "WHERE status = 'ok' AND finished_at IS NOT NULL")
+    if all_runs:
+        sql = f"SELECT stage, sum(seconds) AS seconds, count(*) AS runs FROM ({finished}) GROUP BY stage"
+    else:
+        sql = (f"SELECT stage, arg_max(seconds, started_at) AS seconds, 1 AS runs, max(started_at) AS started_at "
+               f"FROM ({finished}) GROUP BY stage")
+    rows = store.query(sql)
+    order = ["ingest", "generate", "critique", "sft", "label", "train_rm", "ppo", "dpo", "evaluate"]
     rows.sort(key=lambda r: order.index(r["stage"]) if r["stage"] in order else 99)
-    report([(r["stage"], float(r["seconds"]), f"{r['runs']} run(s)") for r in rows])
+    if all_runs:
+        report([(r["stage"], float(r["seconds"]), f"sum of {r['runs']} run(s)") for r in rows])
+    else:
+        report([(r["stage"], float(r["seconds"]), f"latest run, started {r['started_at']:%Y-%m-%d %H:%M}")
+                for r in rows])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-file", type=Path, default=REPO / "flows" / "demo.yaml")
     ap.add_argument("--stages", help="Comma-separated subset of the run file's stages.")
-    ap.add_argument("--from-db", type=Path, help="Only report the stage times recorded in this store.")
+    ap.add_argument("--from-db", type=Path, help="Only report the stage times recorded in this store "
+                    "(each stage's latest run).")
+    ap.add_argument("--all-runs", action="store_true", help="With --from-db: sum every finished run of a stage.")
     ap.add_argument("--keep", action="store_true", help="Keep the temporary store and models.")
     a = ap.parse_args()
     if a.from_db:
-        from_db(a.from_db)
+        from_db(a.from_db, a.all_runs)
         return
 
     from cai.engines import clear_engines

@@ -179,7 +179,7 @@ def sql(query: Annotated[str, typer.Argument(help="SQL to run (read-only).")],
         import io
 
         buf = io.StringIO()
-        w = csv.writer(buf)
+        w = csv.writer(buf, lineterminator="\n")  # not the csv module's default CRLF: shell tools expect \n
         w.writerow(cols)
         w.writerows(rows)
         text = buf.getvalue()
@@ -324,6 +324,41 @@ def critique(db: DbOption = None,
     _print_critique_report(store, summary["constitution_hash"])
 
 
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="Any other config field as KEY=VALUE (YAML value), repeatable: --set gamma=0.99.")]
+ConfigFileOption = Annotated[Path | None, typer.Option(
+    "--config", help="YAML/JSON file of the stage's config fields (options and --set given here win).")]
+
+
+def _train_config(cls, explicit: dict, sets: list[str] | None = None, config: Path | None = None):
+    """Build a stage's pydantic config from a --config file, then CLI flags (None = not given), then
+    --set KEY=VALUE pairs; a bad value fails with the field's name and what is wrong."""
+    import yaml
+    from pydantic import ValidationError
+
+    fields: dict = {}
+    if config is not None:
+        if not config.exists():
+            fail(f"{config}: no such file")
+        try:
+            fields = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as e:
+            fail(f"{config}: not valid YAML: {e}")
+        if not isinstance(fields, dict):
+            fail(f"{config}: expected a mapping of {cls.__name__} fields")
+    fields |= {k: v for k, v in explicit.items() if v is not None}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--set {item!r}: use KEY=VALUE")
+        fields[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    try:
+        return cls(**fields)
+    except ValidationError as e:
+        where = f"{config}: " if config else ""
+        fail(where + "; ".join(f"{'.'.join(map(str, x['loc'])) or 'config'}: {x['msg']}" for x in e.errors()))
+
+
 @app.command("sft")
 def sft(db: DbOption = None,
         base_model: Annotated[str | None, typer.Option(help="Policy to fine-tune: built-in name, store model id "
@@ -356,36 +391,19 @@ def sft(db: DbOption = None,
         save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
         stop_after: Annotated[int | None, typer.Option(help="Checkpoint and stop after this many steps; the "
                                                             "same command resumes.")] = None,
-        config: Annotated[Path | None, typer.Option(help="YAML/JSON file of SFTConfig fields (options given "
-                                                         "here win).")] = None) -> None:
+        sets: SetOption = None,
+        config: ConfigFileOption = None) -> None:
     """Fine-tune the policy on the SL-CAI pairs (`sl_cai`: prompt, final revision); resumes if interrupted."""
-    from pydantic import ValidationError
-
     from cai.models import ModelNotFoundError
     from cai.sft import SFTConfig, run_sft
 
-    options = dict(base_model=base_model, model_id=model_id, output_dir=str(output_dir) if output_dir else None,
-                   constitution_hash=constitution, revision_model=revision_model, limit=limit,
-                   val_fraction=val_fraction, max_length=max_length, lr=lr, batch_size=batch_size,
-                   grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, seed=seed, lora=lora, lora_r=lora_r,
-                   gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, device=device,
-                   eval_every=eval_every, save_every=save_every)
-    values: dict = {}
-    if config:
-        import yaml
-
-        if not config.exists():
-            fail(f"{config}: no such file")
-        values = yaml.safe_load(config.read_text()) or {}
-        if not isinstance(values, dict):
-            fail(f"{config}: expected a mapping of SFTConfig fields")
-    values |= {k: v for k, v in options.items() if v is not None}
-    if split is not None:
-        values["split"] = None if split == "all" else split
-    try:
-        cfg = SFTConfig(**values)
-    except ValidationError as e:
-        fail(_validation_message(e))
+    cfg = _train_config(SFTConfig, dict(
+        base_model=base_model, model_id=model_id, output_dir=str(output_dir) if output_dir else None,
+        constitution_hash=constitution, revision_model=revision_model, limit=limit, val_fraction=val_fraction,
+        max_length=max_length, lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
+        max_steps=max_steps, seed=seed, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
+        mixed_precision=mixed_precision, device=device, eval_every=eval_every, save_every=save_every,
+        split=None if split == "all" else split), [*(["split=null"] if split == "all" else []), *(sets or [])], config)
     try:
         summary = run_sft(_store(db), cfg, stop_after_steps=stop_after)
     except (ModelNotFoundError, LookupError, StoreLockedError, RuntimeError, ValueError) as e:
@@ -650,35 +668,19 @@ def train_rm(db: DbOption = None,
              save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
              stop_after: Annotated[int | None, typer.Option(help="Checkpoint and stop after this many steps; "
                                                             "the same command resumes.")] = None,
-             config: Annotated[Path | None, typer.Option(help="YAML/JSON file of RewardConfig fields "
-                                                         "(options given here win).")] = None) -> None:
+             sets: SetOption = None,
+             config: ConfigFileOption = None) -> None:
     """Train a reward model on the judge's soft labels (comparisons in the store); resumes if interrupted."""
-    from pydantic import ValidationError
-
     from cai.models import ModelNotFoundError
     from cai.reward import RewardConfig, train_reward
 
-    options = dict(base_model=base_model, model_id=model_id, output_dir=str(output_dir) if output_dir else None,
-                   judge_spec_hash=judge, constitution_hash=constitution, pair_kind=pair_kind,
-                   min_confidence=min_confidence, limit=limit, val_fraction=val_fraction, max_length=max_length,
-                   hard_labels=hard_labels, margin=margin, center_coef=center_coef, lr=lr, batch_size=batch_size,
-                   grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, seed=seed, lora=lora, lora_r=lora_r,
-                   gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, device=device,
-                   eval_every=eval_every, save_every=save_every)
-    values: dict = {}
-    if config:
-        import yaml
-
-        if not config.exists():
-            fail(f"{config}: no such file")
-        values = yaml.safe_load(config.read_text()) or {}
-        if not isinstance(values, dict):
-            fail(f"{config}: expected a mapping of RewardConfig fields")
-    values |= {k: v for k, v in options.items() if v is not None}
-    try:
-        cfg = RewardConfig(**values)
-    except ValidationError as e:
-        fail("; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))
+    cfg = _train_config(RewardConfig, dict(
+        base_model=base_model, model_id=model_id, output_dir=str(output_dir) if output_dir else None,
+        judge_spec_hash=judge, constitution_hash=constitution, pair_kind=pair_kind, min_confidence=min_confidence,
+        limit=limit, val_fraction=val_fraction, max_length=max_length, hard_labels=hard_labels, margin=margin,
+        center_coef=center_coef, lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
+        max_steps=max_steps, seed=seed, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
+        mixed_precision=mixed_precision, device=device, eval_every=eval_every, save_every=save_every), sets, config)
     try:
         summary = train_reward(_store(db), cfg, stop_after_steps=stop_after)
     except (ModelNotFoundError, LookupError, StoreLockedError, RuntimeError, ValueError) as e:
@@ -802,27 +804,6 @@ def deploy(names: Annotated[list[str] | None, typer.Argument(help="Deployment na
 
 
 # ---- PPO and DPO (cai/ppo.py, cai/dpo.py) -------------------------------------------------
-SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", help="Any other config field as KEY=VALUE (YAML value), repeatable: --set gamma=0.99.")]
-
-
-def _train_config(cls, explicit: dict, sets: list[str] | None):
-    """Build a pydantic config from CLI flags (None = not given) and --set KEY=VALUE pairs."""
-    import yaml
-    from pydantic import ValidationError
-
-    fields = {k: v for k, v in explicit.items() if v is not None}
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            fail(f"--set {item!r}: use KEY=VALUE")
-        fields[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    try:
-        return cls(**fields)
-    except ValidationError as e:
-        fail("; ".join(f"{'.'.join(map(str, x['loc'])) or 'config'}: {x['msg']}" for x in e.errors()))
-
-
 @app.command("ppo")
 def ppo(db: DbOption = None,
         policy: Annotated[str | None, typer.Option(help="Starting policy (built-in name, store id, HF folder).")] = None,
@@ -847,7 +828,8 @@ def ppo(db: DbOption = None,
         threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
         seed: int | None = None,
         resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of the same setup.")] = True,
-        sets: SetOption = None) -> None:
+        sets: SetOption = None,
+        config: ConfigFileOption = None) -> None:
     """Fine-tune a policy with PPO against a reward model (or judge / Python reward)."""
     from cai.models import ModelNotFoundError
     from cai.ppo import PPOConfig, PPOError, run_ppo
@@ -858,7 +840,7 @@ def ppo(db: DbOption = None,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "learning_rate": learning_rate,
         "kl_coef": kl_coef, "missing_eos_penalty": missing_eos_penalty, "limit": limit,
         "rollout_engine": engine, "device": device, "dtype": dtype, "threads": threads, "seed": seed,
-        "resume": resume}, sets)
+        "resume": resume}, sets, config)
     if target_kl is not None:
         cfg.target_kl = target_kl or None
     try:
@@ -891,7 +873,8 @@ def dpo(db: DbOption = None,
         device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
         threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
         seed: int | None = None,
-        sets: SetOption = None) -> None:
+        sets: SetOption = None,
+        config: ConfigFileOption = None) -> None:
     """Fine-tune a policy with DPO on the `preferences` view (soft labels as smoothing or weights)."""
     from cai.dpo import DPOConfig, run_dpo
     from cai.models import ModelNotFoundError
@@ -900,7 +883,7 @@ def dpo(db: DbOption = None,
         "policy": policy, "ref": ref, "beta": beta, "label_mode": label_mode, "epochs": epochs,
         "batch_size": batch_size, "micro_batch_size": micro_batch_size, "learning_rate": learning_rate,
         "judge_name": judge, "pair_kind": pair_kind, "limit": limit, "device": device, "threads": threads,
-        "seed": seed}, sets)
+        "seed": seed}, sets, config)
     try:
         summary = run_dpo(_store(db), cfg)
     except FloatingPointError as e:

@@ -14,7 +14,8 @@ The whole trainer is in this file and reads top to bottom:
 4. **loop** (nanoGPT style): one optimizer step = ``batch_size * grad_accum`` pairs; each micro-batch
    is one forward of ``2 * batch_size`` sequences (all a's, then all b's); the loss of a step is the
    sum over its pairs divided by its pair count, so splitting it into micro-batches changes nothing.
-   AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast where supported.
+   AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast where supported
+   (that plumbing, shared with the SFT trainer, is in `cai/training.py`).
 5. **checkpoints** every ``save_every`` steps in ``<model folder>/checkpoints/step-NNNNNN``: trainable
    weights, optimizer, RNG states, step and the data order. The model id is a hash of the config and
    the data, so running the same command again resumes from the last checkpoint and ends with the
@@ -29,40 +30,41 @@ loss, accuracy against the judge's majority, Brier score, ECE, reward mean/std p
 from __future__ import annotations
 
 import json
-import math
-import random
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from tqdm.auto import tqdm
 
-from cai.models import DEFAULT_MODEL, resolve_in_store
+from cai import training
+from cai.models import resolve_in_store
 from cai.rm import collate, encode, load_sequence_classifier, load_tokenizer, sequence_rewards, write_meta
-from cai.store import Store, content_hash, now
+from cai.store import Store, content_hash
+from cai.training import (
+    MetricsBuffer,
+    TrainingConfig,
+    autocast_for,
+    clip_gradients,
+    data_order,
+    latest_checkpoint,
+    load_checkpoint,
+    lr_at,
+    make_optimizer,
+    model_folder,
+    pick_device,
+    save_checkpoint,
+    seed_everything,
+    sigterm_as_interrupt,
+)
 
-# Fields that change how a run is carried out but not which model comes out of it; they are left
-# out of the model id, so changing them does not start a new model (or break a resume).
-RUNTIME_FIELDS = {"model_id", "output_dir", "eval_every", "save_every", "keep_checkpoints", "log_every",
-                  "eval_batch_size", "device"}
 
-
-class RewardConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # --- what to train ---
-    base_model: str = Field(DEFAULT_MODEL, description="Starting point: built-in name, store model id or HF folder.")
+class RewardConfig(TrainingConfig):
     model_id: str | None = Field(None, description="Id for the new model (default: rm-<hash of config and data>).")
-    output_dir: str | None = Field(None, description="Model folder (default: <db folder>/models/<model id>).")
     # --- data ---
     judge_spec_hash: str | None = Field(None, description="Only comparisons labelled by this judge spec.")
     constitution_hash: str | None = Field(None, description="Only comparisons under this constitution.")
@@ -73,49 +75,16 @@ class RewardConfig(BaseModel):
     min_confidence: float = Field(0.5, ge=0.5, le=1.0,
                                   description="Drop comparisons whose max(p_a, 1 - p_a) is below this.")
     limit: int | None = Field(None, ge=2, description="At most this many comparisons (by id order).")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts held out for validation.")
     max_length: int = Field(1024, ge=8, description="Tokens per sequence; longer ones lose tokens on the left.")
     # --- objective ---
     hard_labels: bool = Field(False, description="Train on 1[p_a > 0.5] (ties dropped) instead of p_a.")
     margin: float = Field(0.0, ge=0.0, description="Gap the preferred response must win by, scaled by (2p-1).")
     center_coef: float = Field(0.0, ge=0.0, description="Weight of the centring penalty (r_a + r_b)^2.")
-    # --- optimisation ---
-    lr: float | None = Field(None, gt=0, description="Peak learning rate (default 1e-5, or 2e-4 with LoRA).")
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine decay ends at lr * this.")
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decay on matrices (not norms or biases).")
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm (None: no clipping).")
+    # --- batch sizes and bookkeeping (a pair is two sequences) ---
     batch_size: int = Field(8, ge=1, description="Pairs per micro-batch (one forward of 2x sequences).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps (overrides epochs; data repeats).")
-    seed: int = 0
-    # --- model ---
-    lora: bool = False
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    lora_target_modules: list[str] | str = "all-linear"
-    gradient_checkpointing: bool = False
-    mixed_precision: Literal["auto", "no", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on a GPU that supports it, float32 elsewhere.")
-    device: str | None = Field(None, description="cuda, cpu, ... (default: cuda if available).")
-    # --- bookkeeping ---
     eval_every: int = Field(100, ge=1, description="Steps between validation passes (and one at the end).")
     eval_batch_size: int = Field(16, ge=1, description="Pairs per validation forward.")
     save_every: int = Field(200, ge=1, description="Steps between checkpoints.")
-    keep_checkpoints: int = Field(2, ge=0, description="Checkpoints kept during training; all go once it ends.")
-    log_every: int = Field(10, ge=1, description="Steps between writes of buffered metrics to the store.")
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else (2e-4 if self.lora else 1e-5)
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that decide the trained weights."""
-        return {k: v for k, v in self.model_dump().items() if k not in RUNTIME_FIELDS} | {"lr": self.peak_lr}
 
 
 # =============================================================================================
@@ -175,15 +144,8 @@ def load_pairs(store: Store, cfg: RewardConfig) -> tuple[list[Pair], dict[str, A
 
 
 def split_by_prompt(pairs: Sequence[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """(train, validation). Prompts are ranked by a seeded hash and the first ``val_fraction`` of them
-    go to validation with all their pairs; a prompt's side depends only on (seed, prompt id, the
-    number of prompts), never on the order of the rows."""
-    prompt_ids = sorted({p.prompt_id for p in pairs}, key=lambda pid: content_hash("rm-split", seed, pid))
-    n_val = round(val_fraction * len(prompt_ids))
-    if val_fraction > 0 and len(prompt_ids) >= 2:
-        n_val = min(max(n_val, 1), len(prompt_ids) - 1)  # at least one prompt on each side
-    val_ids = set(prompt_ids[:n_val])
-    return [p for p in pairs if p.prompt_id not in val_ids], [p for p in pairs if p.prompt_id in val_ids]
+    """(train, validation) by prompt: see ``cai.training.split_by_prompt``."""
+    return training.split_by_prompt(pairs, val_fraction, seed, salt="rm-split")
 
 
 @dataclass
@@ -265,27 +227,8 @@ def calibration(prob_a: torch.Tensor, p_a: torch.Tensor, bins: int = 10) -> dict
 
 
 # =============================================================================================
-# 3. Model, optimizer, schedule
+# 3. Model (optimizer, schedule, checkpoints: cai/training.py)
 # =============================================================================================
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def pick_device(cfg: RewardConfig) -> torch.device:
-    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def use_bf16(cfg: RewardConfig, device: torch.device) -> bool:
-    if cfg.mixed_precision == "no":
-        return False
-    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if cfg.mixed_precision == "bf16" and not supported and device.type != "cpu":
-        raise ValueError(f"bf16 is not supported on {device}")
-    # CPU bf16 autocast works but is slower than float32 on most CPUs: only when asked for.
-    return supported or (cfg.mixed_precision == "bf16" and device.type == "cpu")
-
-
 def build_model(path: str, tokenizer, cfg: RewardConfig, device: torch.device):
     """The sequence classifier (a new score head comes from torch's RNG: seed before), LoRA-wrapped if asked."""
     model = load_sequence_classifier(path)
@@ -300,47 +243,6 @@ def build_model(path: str, tokenizer, cfg: RewardConfig, device: torch.device):
             task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.lora_target_modules))
     return model.to(device)
-
-
-def make_optimizer(model, cfg: RewardConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (embeddings and linear weights), as nanoGPT does.
-    The fused kernel (CPU and CUDA) is ~10x faster than the default on CPU and just as deterministic."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             fused=device.type in ("cpu", "cuda"))
-
-
-def lr_at(step: int, total_steps: int, cfg: RewardConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
-    peak, floor = cfg.peak_lr, cfg.peak_lr * cfg.min_lr_ratio
-    warmup = round(cfg.warmup_ratio * total_steps)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(total_steps - warmup - 1, 1)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def data_order(n_train: int, pairs_per_step: int, cfg: RewardConfig) -> tuple[list[int], int]:
-    """(the training stream of pair indices, total optimizer steps).
-
-    Epoch ``e`` is a permutation from a generator seeded with ``seed + e``; the stream is the epochs
-    back to back. Step ``s`` takes ``stream[s * pairs_per_step : (s + 1) * pairs_per_step]`` (the
-    last step of the stream may be shorter).
-    """
-    if cfg.max_steps:
-        total_steps = cfg.max_steps
-        epochs = math.ceil(total_steps * pairs_per_step / n_train)
-    else:
-        epochs = cfg.epochs
-        total_steps = math.ceil(epochs * n_train / pairs_per_step)
-    stream: list[int] = []
-    for epoch in range(epochs):
-        g = torch.Generator().manual_seed(cfg.seed + epoch)
-        stream.extend(torch.randperm(n_train, generator=g).tolist())
-    return stream[:total_steps * pairs_per_step], total_steps
 
 
 # =============================================================================================
@@ -372,109 +274,8 @@ def evaluate(model, data: Encoded, cfg: RewardConfig, pad_id: int, device: torch
 
 
 # =============================================================================================
-# 5. Checkpoints
+# 5. The stage
 # =============================================================================================
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, meta: dict[str, Any], keep: int) -> Path:
-    """Write ``step-NNNNNN`` atomically (a temp folder renamed at the end); prune to the newest ``keep``."""
-    final = ckpt_dir / f"step-{step:06d}"
-    tmp = ckpt_dir / f".step-{step:06d}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(trainable_state(model), tmp / "model.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**meta, "step": step, "saved_at": str(now())}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(ckpt_dir.glob("step-*"))[:-max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").exists())
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, model, optimizer, expect: dict[str, Any]) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG; refuse a checkpoint made for other settings or data."""
-    state = json.loads((path / "state.json").read_text())
-    for key in ("config_hash", "train_ids_hash"):
-        if state.get(key) != expect[key]:
-            raise RuntimeError(
-                f"{path} was written for a different {key.removesuffix('_hash')} ({state.get(key)} != {expect[key]}); "
-                "choose another --model-id or --output-dir, or delete that folder")
-    weights = torch.load(path / "model.pt", weights_only=True)
-    missing = set(trainable_state(model)) - set(weights)
-    if missing:
-        raise RuntimeError(f"{path}: checkpoint lacks {sorted(missing)[:3]}...")
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return state
-
-
-# =============================================================================================
-# 6. The stage
-# =============================================================================================
-class MetricsBuffer:
-    """Metrics rows kept in memory and written in batches (the store is opened per write)."""
-
-    def __init__(self, store: Store, run_id: str, model_id: str):
-        self.store, self.run_id, self.model_id, self.rows = store, run_id, model_id, []
-
-    def add(self, step: int, split: str, values: dict[str, float]) -> None:
-        stamp = now()
-        self.rows += [{"run_id": self.run_id, "model_id": self.model_id, "step": step, "split": split,
-                       "name": k, "value": None if v is None or math.isnan(v) else float(v), "created_at": stamp}
-                      for k, v in values.items()]
-
-    def flush(self) -> None:
-        if self.rows:
-            self.store.insert("metrics", self.rows)
-            self.rows = []
-
-
-def model_folder(store: Store, cfg: RewardConfig, model_id: str) -> Path:
-    return Path(cfg.output_dir) if cfg.output_dir else store.path.parent / "models" / model_id
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """Within this block a SIGTERM (``kill``, a scheduler's preemption) raises KeyboardInterrupt like
-    Ctrl-C, so the run is marked 'interrupted' instead of being left 'running'. Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def train_reward(store: Store, cfg: RewardConfig, *, progress: bool = True,
                  stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train (or resume, or find already trained) the reward model ``cfg`` describes; returns a summary.
@@ -518,11 +319,7 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
     try:
         # ---- model and data on the device ----
         device = pick_device(cfg)
-        bf16 = use_bf16(cfg, device)
-
-        def autocast():
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
+        autocast = autocast_for(cfg, device)
         seed_everything(cfg.seed)
         tokenizer = load_tokenizer(base_path)
         model = build_model(base_path, tokenizer, cfg, device)
@@ -540,10 +337,7 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
         step = 0
         ckpt = latest_checkpoint(ckpt_dir)
         if ckpt is not None:
-            state = load_checkpoint(ckpt, model, optimizer, ckpt_meta)
-            if state["order_hash"] != ckpt_meta["order_hash"]:
-                raise RuntimeError(f"{ckpt}: data order differs from this run's; the data changed under it")
-            step = state["step"]
+            step = load_checkpoint(ckpt, model, optimizer, ckpt_meta)["step"]
             summary["resumed_from_step"] = step
         start_step = step
 
@@ -576,8 +370,7 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
                 loss_sum += float(per_pair.detach().sum())
                 ok, n = agreement(r_a.detach(), r_b.detach(), p_a)
                 right, decided = right + ok, decided + n
-            grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip
-                         else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
+            grad_norm = clip_gradients(trainable, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

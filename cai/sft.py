@@ -15,7 +15,8 @@ The whole trainer is in this file and reads top to bottom (nanoGPT style):
 4. **loop**: one optimizer step = ``batch_size * grad_accum`` examples; the loss of a step is the sum
    of the token losses over its response tokens divided by their count (micro-batching changes
    nothing). AdamW, warm-up then cosine, gradient clipping, optional LoRA (``peft``), gradient
-   checkpointing, bf16 autocast where supported (the same recipe as the reward-model trainer).
+   checkpointing, bf16 autocast where supported (optimizer, schedule, data order and
+   checkpoints are shared with the reward-model trainer: `cai/training.py`).
 5. **checkpoints** every ``save_every`` steps in ``<model folder>/checkpoints/step-NNNNNN``. The model
    id is a hash of the config, base model and data, so running the same command again resumes from
    the last checkpoint and ends with the same weights as an uninterrupted run.
@@ -30,82 +31,51 @@ Metrics go to ``metrics``: split ``train`` (loss, lr, grad_norm, tokens per step
 from __future__ import annotations
 
 import json
-import math
-import random
 import shutil
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from tqdm.auto import tqdm
 
+from cai import training
 from cai.models import DEFAULT_MODEL, resolve_in_store
-from cai.store import Store, content_hash, now
+from cai.store import Store, content_hash
+from cai.training import (
+    MetricsBuffer,
+    TrainingConfig,
+    autocast_for,
+    clip_gradients,
+    data_order,
+    latest_checkpoint,
+    load_checkpoint,
+    lr_at,
+    make_optimizer,
+    model_folder,
+    pick_device,
+    save_checkpoint,
+    seed_everything,
+    sigterm_as_interrupt,
+)
 
 IGNORE = -100
 META_FILE = "cai_sft.json"
-# Fields that change how a run is carried out but not which model comes out of it.
-RUNTIME_FIELDS = {"model_id", "output_dir", "eval_every", "save_every", "keep_checkpoints", "log_every",
-                  "eval_batch_size", "device"}
 
 
-class SFTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SFTConfig(TrainingConfig):
     # --- what to train ---
     base_model: str = Field(DEFAULT_MODEL, description="Policy to fine-tune: built-in name, store model id or folder.")
     model_id: str | None = Field(None, description="Id for the new model (default: sft-<hash of config and data>).")
-    output_dir: str | None = Field(None, description="Model folder (default: <db folder>/models/<model id>).")
     # --- data (the sl_cai view) ---
     constitution_hash: str | None = Field(None, description="Only revisions under this constitution.")
     revision_model: str | None = Field(None, description="Only revisions written by this model id.")
     split: Literal["train", "test"] | None = Field("train", description="Prompts of this split (None: all).")
     limit: int | None = Field(None, ge=1, description="At most this many pairs (by revision id order).")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts held out for validation.")
     max_length: int = Field(1024, ge=16, description="Tokens per example (prompt loses tokens first).")
-    # --- optimisation ---
-    lr: float | None = Field(None, gt=0, description="Peak learning rate (default 1e-5, or 2e-4 with LoRA).")
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine decay ends at lr * this.")
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decay on matrices (not norms or biases).")
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm (None: no clipping).")
-    batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps (overrides epochs; data repeats).")
-    seed: int = 0
-    # --- model ---
-    lora: bool = False
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    lora_target_modules: list[str] | str = "all-linear"
-    gradient_checkpointing: bool = False
-    mixed_precision: Literal["auto", "no", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on a GPU that supports it, float32 elsewhere.")
-    device: str | None = Field(None, description="cuda, cpu, ... (default: cuda if available).")
-    # --- bookkeeping ---
-    eval_every: int = Field(50, ge=1, description="Steps between validation passes (and one at the end).")
-    eval_batch_size: int = Field(8, ge=1)
-    save_every: int = Field(100, ge=1, description="Steps between checkpoints.")
-    keep_checkpoints: int = Field(2, ge=0, description="Checkpoints kept during training; all go once it ends.")
-    log_every: int = Field(10, ge=1, description="Steps between writes of buffered metrics to the store.")
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else (2e-4 if self.lora else 1e-5)
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that decide the trained weights."""
-        return {k: v for k, v in self.model_dump().items() if k not in RUNTIME_FIELDS} | {"lr": self.peak_lr}
 
 
 # =============================================================================================
@@ -146,13 +116,8 @@ def load_sl_pairs(store: Store, cfg: SFTConfig) -> tuple[list[Pair], dict[str, A
 
 
 def split_by_prompt(pairs: Sequence[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """(train, validation): prompts ranked by a seeded hash, the first ``val_fraction`` go to validation."""
-    prompt_ids = sorted({p.prompt_id for p in pairs}, key=lambda pid: content_hash("sft-split", seed, pid))
-    n_val = round(val_fraction * len(prompt_ids))
-    if val_fraction > 0 and len(prompt_ids) >= 2:
-        n_val = min(max(n_val, 1), len(prompt_ids) - 1)
-    val_ids = set(prompt_ids[:n_val])
-    return [p for p in pairs if p.prompt_id not in val_ids], [p for p in pairs if p.prompt_id in val_ids]
+    """(train, validation) by prompt: see ``cai.training.split_by_prompt``."""
+    return training.split_by_prompt(pairs, val_fraction, seed, salt="sft-split")
 
 
 @dataclass
@@ -261,135 +226,8 @@ def evaluate(model, data: Sequence[Example], cfg: SFTConfig, pad_id: int, device
 
 
 # =============================================================================================
-# 4. Optimizer, schedule, data order, checkpoints
+# 4. The stage
 # =============================================================================================
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def pick_device(cfg: SFTConfig) -> torch.device:
-    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def use_bf16(cfg: SFTConfig, device: torch.device) -> bool:
-    if cfg.mixed_precision == "no":
-        return False
-    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if cfg.mixed_precision == "bf16" and not supported and device.type != "cpu":
-        raise ValueError(f"bf16 is not supported on {device}")
-    return supported or (cfg.mixed_precision == "bf16" and device.type == "cpu")
-
-
-def make_optimizer(model, cfg: SFTConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices, as nanoGPT does; the fused kernel where there is one."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             fused=device.type in ("cpu", "cuda"))
-
-
-def lr_at(step: int, total_steps: int, cfg: SFTConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
-    peak, floor = cfg.peak_lr, cfg.peak_lr * cfg.min_lr_ratio
-    warmup = round(cfg.warmup_ratio * total_steps)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(total_steps - warmup - 1, 1)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def data_order(n_train: int, per_step: int, cfg: SFTConfig) -> tuple[list[int], int]:
-    """(the stream of example indices, total optimizer steps): epoch ``e`` is a permutation seeded
-    with ``seed + e``; step ``s`` takes ``stream[s * per_step:(s + 1) * per_step]``."""
-    if cfg.max_steps:
-        total_steps = cfg.max_steps
-        epochs = math.ceil(total_steps * per_step / n_train)
-    else:
-        epochs = cfg.epochs
-        total_steps = math.ceil(epochs * n_train / per_step)
-    stream: list[int] = []
-    for epoch in range(epochs):
-        stream.extend(torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist())
-    return stream[:total_steps * per_step], total_steps
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, meta: dict[str, Any], keep: int) -> Path:
-    """Write ``step-NNNNNN`` atomically (a temp folder renamed at the end); keep the newest ``keep``."""
-    final, tmp = ckpt_dir / f"step-{step:06d}", ckpt_dir / f".step-{step:06d}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(trainable_state(model), tmp / "model.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**meta, "step": step, "saved_at": str(now())}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(ckpt_dir.glob("step-*"))[:-max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").exists())
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, model, optimizer, expect: dict[str, Any]) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG; refuse a checkpoint made for other settings or data."""
-    state = json.loads((path / "state.json").read_text())
-    for key in ("config_hash", "train_ids_hash", "order_hash"):
-        if state.get(key) != expect[key]:
-            raise RuntimeError(f"{path} was written for a different {key.removesuffix('_hash')} "
-                               f"({state.get(key)} != {expect[key]}); choose another --model-id or --output-dir, "
-                               "or delete that folder")
-    weights = torch.load(path / "model.pt", weights_only=True)
-    missing = set(trainable_state(model)) - set(weights)
-    if missing:
-        raise RuntimeError(f"{path}: checkpoint lacks {sorted(missing)[:3]}...")
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
-
-
-class MetricsBuffer:
-    """Metrics rows kept in memory and written in batches (the store is opened per write)."""
-
-    def __init__(self, store: Store, run_id: str, model_id: str):
-        self.store, self.run_id, self.model_id, self.rows = store, run_id, model_id, []
-
-    def add(self, step: int, split: str, values: dict[str, float]) -> None:
-        stamp = now()
-        self.rows += [{"run_id": self.run_id, "model_id": self.model_id, "step": step, "split": split, "name": k,
-                       "value": None if v is None or math.isnan(v) else float(v), "created_at": stamp}
-                      for k, v in values.items()]
-
-    def flush(self) -> None:
-        if self.rows:
-            self.store.insert("metrics", self.rows)
-            self.rows = []
-
-
-# =============================================================================================
-# 5. The stage
-# =============================================================================================
-def model_folder(store: Store, cfg: SFTConfig, model_id: str) -> Path:
-    return Path(cfg.output_dir) if cfg.output_dir else store.path.parent / "models" / model_id
-
-
 def run_sft(store: Store, cfg: SFTConfig, *, progress: bool = True,
             stop_after_steps: int | None = None) -> dict[str, Any]:
     """Fine-tune (or resume, or find already trained) the policy ``cfg`` describes; returns a summary.
@@ -397,6 +235,11 @@ def run_sft(store: Store, cfg: SFTConfig, *, progress: bool = True,
     ``stop_after_steps``: checkpoint and return after this many optimizer steps in this call (the
     next call resumes).
     """
+    with sigterm_as_interrupt():  # a `kill` marks the run 'interrupted', like Ctrl-C
+        return _run_sft(store, cfg, progress=progress, stop_after_steps=stop_after_steps)
+
+
+def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: int | None) -> dict[str, Any]:
     started = time.time()
     pairs, snapshot = load_sl_pairs(store, cfg)
     if not pairs:
@@ -425,11 +268,7 @@ def run_sft(store: Store, cfg: SFTConfig, *, progress: bool = True,
     bar = None
     try:
         device = pick_device(cfg)
-        bf16 = use_bf16(cfg, device)
-
-        def autocast():
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
+        autocast = autocast_for(cfg, device)
         seed_everything(cfg.seed)
         tokenizer = load_tokenizer(base_path)
         pad_id = tokenizer.pad_token_id
@@ -473,9 +312,7 @@ def run_sft(store: Store, cfg: SFTConfig, *, progress: bool = True,
                 # Divide by the step's token count: the gradient is the per-token mean over the whole step.
                 (nll / n_tokens).backward()
                 loss_sum += float(nll.detach())
-            grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip
-                         else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable
-                                                                    if p.grad is not None])))
+            grad_norm = clip_gradients(trainable, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

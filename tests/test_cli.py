@@ -39,7 +39,7 @@ def test_ingest_sql_and_db_info(tmp_path, demo_prompt_files):
                                      .stdout.splitlines()) + "]")
     assert len(rows) == 3 and "category" in rows[0]
     csv_out = cai("sql", "select 1 as a, 'x' as b", "--format", "csv", db=db).stdout
-    assert csv_out.splitlines() == ["a,b", "1,x"]
+    assert csv_out == "a,b\n1,x\n"  # plain \n line ends, not CRLF
     pq_file = tmp_path / "p.parquet"
     cai("sql", "select * from prompts", "--format", "parquet", "--out", pq_file, db=db)
     assert pq.read_table(pq_file).num_rows >= 200
@@ -84,3 +84,21 @@ def test_generate_without_model_says_how_to_get_it(tmp_path, demo_prompt_files):
     out = subprocess.run([CAI, "generate", "--limit", "1"], capture_output=True, text=True,
                          env={**os.environ, "CAI_DB": str(db), **env_cache})
     assert out.returncode == 1 and "cai models pull smollm2-135m-instruct" in out.stderr
+
+
+def test_training_commands_share_config_file_and_set_handling(tmp_path):
+    """sft, train-rm, ppo and dpo build their configs the same way: --config file, flags, --set;
+    a bad value names the file and the field before anything is loaded."""
+    db = tmp_path / "cai.duckdb"
+    bad = tmp_path / "rm.yaml"
+    bad.write_text("lr: -1\nbatch_size: 2\n")
+    out = cai("train-rm", "--config", bad, db=db, check=False)
+    assert out.returncode == 1 and str(bad) in out.stderr and "lr" in out.stderr
+    out = cai("sft", "--set", "warmup_ratio=2", db=db, check=False)
+    assert out.returncode == 1 and "warmup_ratio" in out.stderr
+    out = cai("ppo", "--set", "minibatch_size=3", "--batch-size", "8", db=db, check=False)
+    assert out.returncode == 1 and "multiple of minibatch_size" in out.stderr
+    out = cai("dpo", "--config", tmp_path / "missing.yaml", db=db, check=False)
+    assert out.returncode == 1 and "no such file" in out.stderr
+    out = cai("sft", "--set", "no_such_field=1", db=db, check=False)
+    assert out.returncode == 1 and "no_such_field" in out.stderr
