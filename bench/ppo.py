@@ -15,6 +15,8 @@ reference / value forward passes, ``ppo_epochs`` x minibatches of clipped PPO up
     .venv/bin/python bench/ppo.py --steps 8 --batch-size 16 --response-length 32 --threads 2
     .venv/bin/python bench/ppo.py --skip-trl          # ours only
     .venv/bin/python bench/ppo.py --vllm              # also ours with vLLM rollouts (weights reloaded each step)
+    .venv/bin/python bench/ppo.py --skip-trl --vllm --policy data/models/sft-... --reward data/models/rm-...
+                                                      # vLLM vs transformers rollouts on real models
 
 If TRL 1.12 cannot be installed or run here, the script says so and still reports ours.
 """
@@ -117,7 +119,9 @@ def run_ours(policy: str, reward_path: str, a: argparse.Namespace, engine: str =
     cfg = PPOConfig(policy=policy, reward=reward_path, steps=a.steps, batch_size=a.batch_size,
                     minibatch_size=a.minibatch_size, ppo_epochs=a.ppo_epochs, max_new_tokens=a.response_length,
                     temperature=a.temperature, learning_rate=a.learning_rate, kl_coef=a.kl_coef, target_kl=None,
-                    seed=a.seed, threads=a.threads, rollout_engine=engine, device="cpu")
+                    seed=a.seed, threads=a.threads, rollout_engine=engine, device="cpu",
+                    # as TRL does it: one sample per prompt, scores used as they come
+                    samples_per_prompt=1, normalize_reward=False)
     reward = RewardModelReward(reward_path, "bench-reward", torch.device("cpu"), batch_size=a.batch_size)
     trainer = PPOTrainer(cfg, policy, policy, reward_path, reward, torch.device("cpu"))
     convs = [[{"role": "user", "content": p}] for p in PROMPTS]
@@ -196,15 +200,20 @@ def main() -> None:
     ap.add_argument("--trl-timeout", type=int, default=1800)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--vllm", action="store_true", help="Also time ours with vLLM rollouts.")
+    ap.add_argument("--policy", help="Policy folder instead of the tiny one (e.g. data/models/sft-...).")
+    ap.add_argument("--reward", help="Reward model folder (also the critic's start) instead of the tiny one.")
     a = ap.parse_args()
     if a.batch_size % a.minibatch_size:
         ap.error("--batch-size must be a multiple of --minibatch-size")
 
     import transformers
 
-    policy, reward = build_models(a.models_dir)
+    if bool(a.policy) != bool(a.reward):
+        ap.error("--policy and --reward go together")
+    policy, reward = (a.policy, a.reward) if a.policy else build_models(a.models_dir)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads={a.threads}")
-    print(f"models: tiny Llama policy {policy} and reward/critic {reward} (SmolLM2 tokenizer)")
+    kind = "" if a.policy else "tiny Llama "
+    print(f"models: {kind}policy {policy} and reward/critic {reward}")
     print(f"setup: {a.steps} steps ({a.warmup} warm-up), batch {a.batch_size}, minibatch {a.minibatch_size}, "
           f"{a.ppo_epochs} epochs, response length {a.response_length}, temperature {a.temperature}\n", flush=True)
 

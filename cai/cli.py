@@ -813,6 +813,8 @@ def ppo(db: DbOption = None,
         value_model: Annotated[str | None, typer.Option(help="Critic start (default: the reward model).")] = None,
         steps: Annotated[int | None, typer.Option(help="PPO steps (one rollout batch each).")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Rollouts per step.")] = None,
+        samples_per_prompt: Annotated[int | None, typer.Option(help="Responses per prompt in a batch (scores "
+                                                                    "compared within the prompt).")] = None,
         minibatch_size: Annotated[int | None, typer.Option(help="Rollouts per gradient step.")] = None,
         ppo_epochs: Annotated[int | None, typer.Option(help="Passes over each rollout batch.")] = None,
         max_new_tokens: Annotated[int | None, typer.Option(help="Response length limit.")] = None,
@@ -836,7 +838,8 @@ def ppo(db: DbOption = None,
 
     cfg = _train_config(PPOConfig, {
         "policy": policy, "reward": reward, "ref": ref, "value_model": value_model, "steps": steps,
-        "batch_size": batch_size, "minibatch_size": minibatch_size, "ppo_epochs": ppo_epochs,
+        "batch_size": batch_size, "samples_per_prompt": samples_per_prompt, "minibatch_size": minibatch_size,
+        "ppo_epochs": ppo_epochs,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "learning_rate": learning_rate,
         "kl_coef": kl_coef, "missing_eos_penalty": missing_eos_penalty, "limit": limit,
         "rollout_engine": engine, "device": device, "dtype": dtype, "threads": threads, "seed": seed,
@@ -850,6 +853,10 @@ def ppo(db: DbOption = None,
     except (ModelNotFoundError, LookupError, ValueError, NotImplementedError, StoreLockedError) as e:
         fail(str(e))
     console.print_json(json.dumps(summary, default=str))
+    if "eval_reward_gain" in summary:
+        err.print(f"held-out reward {summary['eval_reward_start']:.4f} -> {summary['eval_reward_end']:.4f}: "
+                  f"paired gain {summary['eval_reward_gain']:+.4f} ± {summary['eval_reward_gain_se']:.4f} "
+                  f"(standard error over {summary['eval_reward_gain_prompts']} held-out prompts)", highlight=False)
     if summary.get("plot"):
         err.print(f"training curves: {summary['plot']}\n"
                   f"  cai sql \"select step, split, metric, value from training_curves where run_id = "

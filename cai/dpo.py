@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cai.models import DEFAULT_MODEL, resolve_in_store
 from cai.ppo import Batch, models_root, pick_device, response_logits, token_logprobs
 from cai.store import Store, content_hash, now
+from cai.training import sigterm_as_interrupt
 
 
 class DPOConfig(BaseModel):
@@ -159,6 +160,11 @@ def sequence_logprobs(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 def run_dpo(store: Store, cfg: DPOConfig, *, progress: bool = True, plot: bool = True) -> dict[str, Any]:
     """Train a policy with DPO on the store's preferences; returns a summary."""
+    with sigterm_as_interrupt():  # a `kill` marks the run 'interrupted', like Ctrl-C
+        return _run_dpo(store, cfg, progress=progress, plot=plot)
+
+
+def _run_dpo(store: Store, cfg: DPOConfig, *, progress: bool, plot: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -9,9 +9,12 @@ The pieces, each named where it happens below:
   Python function (one ``Reward`` interface).
 * One PPO *step* = one rollout batch:
   1. **rollout**: sample ``batch_size`` responses from the live policy (left-padded, batched
-     ``generate``; optionally vLLM with the new weights loaded each step);
-  2. **score**: sequence reward from the reward; EOS-missing penalty; optional running
-     normalisation / clipping;
+     ``generate``; optionally vLLM with the new weights loaded each step), ``samples_per_prompt``
+     of them for each of ``batch_size / samples_per_prompt`` prompts;
+  2. **score**: sequence reward from the reward; EOS-missing penalty; with several samples per
+     prompt, the leave-one-out group baseline (each score minus the mean of its prompt's other
+     responses: the prompt's difficulty cancels, which a young critic cannot do yet); optional
+     running normalisation / clipping;
   3. **experience**: log-probs of the sampled tokens under the policy (old) and the reference,
      values from the critic, all from plain forward passes;
   4. **per-token rewards**: ``r_t = -beta * (log pi - log pi_ref)`` at every response token,
@@ -56,6 +59,7 @@ from torch import nn
 
 from cai.models import DEFAULT_MODEL, resolve_in_store
 from cai.store import Store, content_hash, now
+from cai.training import sigterm_as_interrupt
 
 Conversation = list[dict[str, str]]
 
@@ -85,11 +89,15 @@ class PPOConfig(BaseModel):
     eval_split: str | None = Field("test", description="Held-out prompts for the eval reward (None: no eval).")
     eval_prompts: int = Field(16, ge=1, description="How many held-out prompts to evaluate on.")
     eval_every: int = Field(10, ge=1, description="Evaluate on held-out prompts every N steps (and at start/end).")
+    eval_samples_per_prompt: int = Field(1, ge=1, description=(
+        "Responses sampled per held-out prompt: more of them make the held-out reward curve less noisy."))
     max_prompt_tokens: int = Field(256, ge=8, description="Prompts longer than this (templated) are skipped.")
 
     # ---- rollouts ----
     steps: int = Field(20, ge=1, description="PPO steps (one rollout batch each).")
     batch_size: int = Field(16, ge=2, description="Rollouts per step.")
+    samples_per_prompt: int = Field(4, ge=1, description=(
+        "Responses sampled per prompt in a rollout batch (batch_size / samples_per_prompt prompts a step)."))
     max_new_tokens: int = Field(48, ge=1, description="Response length limit.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (log-probs are taken at it too).")
     rollout_engine: Literal["transformers", "vllm"] = "transformers"
@@ -103,16 +111,23 @@ class PPOConfig(BaseModel):
     kl_horizon: int = Field(10000, ge=1, description="Adaptive controller horizon (rollouts).")
     max_kl: float = Field(50.0, gt=0, description="Stop when the mean KL to the reference exceeds this (blow-up).")
     missing_eos_penalty: float = Field(0.0, ge=0, description="Subtracted from the reward of responses cut off without EOS.")
-    normalize_reward: bool = Field(False, description="Scale rewards by running mean/std.")
+    group_baseline: bool = Field(True, description=(
+        "With samples_per_prompt > 1: subtract from each score the mean score of the other responses to the "
+        "same prompt (leave-one-out), so the advantage compares answers to one prompt, not prompts."))
+    normalize_reward: bool = Field(True, description=(
+        "Scale scores by their running mean/std: a reward model's scale is arbitrary (the demo's spans ~0.1), "
+        "and unnormalised the KL penalty would drown it."))
     clip_reward: float | None = Field(None, gt=0, description="Clip (normalised) rewards to [-c, c].")
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     whiten_advantages: bool = True
 
     # ---- optimisation ----
-    ppo_epochs: int = Field(4, ge=1)
+    ppo_epochs: int = Field(2, ge=1)
     minibatch_size: int = Field(4, ge=1)
-    learning_rate: float = Field(3e-6, gt=0)
+    learning_rate: float = Field(1e-5, gt=0, description=(
+        "Policy learning rate. 1e-5 moves a 135M policy measurably in a few dozen steps; lower it for "
+        "larger models and longer runs."))
     value_learning_rate: float | None = Field(None, gt=0, description="Critic learning rate (default: learning_rate).")
     clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
     value_clip_range: float = Field(0.2, gt=0, description="Value prediction clip range.")
@@ -138,11 +153,14 @@ class PPOConfig(BaseModel):
         if self.batch_size % self.minibatch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of minibatch_size "
                              f"({self.minibatch_size})")
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt "
+                             f"({self.samples_per_prompt})")
         return self
 
     # Fields that change how often things are logged or saved, or how fast it runs, not the weights.
     NOT_TRAINING: ClassVar[frozenset[str]] = frozenset({
-        "steps", "eval_every", "eval_prompts", "eval_split", "save_every", "sample_every", "num_samples", "resume",
+        "steps", "eval_every", "eval_prompts", "eval_split", "eval_samples_per_prompt", "save_every", "sample_every", "num_samples", "resume",
         "output_dir", "device", "forward_batch_size", "generation_batch_size", "rollout_engine", "threads"})
 
     def training_key(self, ids: dict[str, str]) -> str:
@@ -177,6 +195,17 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 def apply_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float) -> torch.Tensor:
     """Responses cut off at ``max_new_tokens`` without an EOS lose ``penalty`` reward."""
     return scores - penalty * (~has_eos).to(scores.dtype)
+
+
+def leave_one_out_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``scores`` holds ``group_size`` consecutive responses per prompt; each score minus the mean of
+    the *other* responses to its prompt (RLOO's baseline: it does not depend on the response it
+    corrects, so the policy gradient stays unbiased, and the prompt's own difficulty cancels)."""
+    if group_size < 2:
+        return scores
+    g = scores.view(-1, group_size)
+    others_mean = (g.sum(1, keepdim=True) - g) / (group_size - 1)
+    return (g - others_mean).reshape(scores.shape)
 
 
 def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -584,7 +613,8 @@ class VLLMSampler:
 
         prompts = [TokensPrompt(prompt_token_ids=ids[m.bool()].tolist())
                    for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)]
-        outs = self.llm.generate(prompts, self._params(seed), use_tqdm=False)
+        # One seed per request: the same prompt sampled k times in a batch must give k different answers.
+        outs = self.llm.generate(prompts, [self._params(seed + i) for i in range(len(prompts))], use_tqdm=False)
         toks = [list(o.outputs[0].token_ids) for o in outs]
         T = max(len(t) for t in toks)
         resp = torch.full((len(toks), T), self.pad_id, dtype=torch.long)
@@ -739,8 +769,11 @@ class PPOTrainer:
 
     # ---- 2. score --------------------------------------------------------------------------
     def shape_scores(self, raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
-        """EOS-missing penalty, then optional running normalisation and clipping."""
+        """EOS-missing penalty, the per-prompt baseline (rows come in groups of ``samples_per_prompt``),
+        then optional running normalisation and clipping."""
         scores = apply_eos_penalty(raw, has_eos, self.cfg.missing_eos_penalty)
+        if self.cfg.group_baseline:
+            scores = leave_one_out_baseline(scores, self.cfg.samples_per_prompt)
         if self.cfg.normalize_reward:
             self.reward_stats.update(scores)
             scores = (scores - self.reward_stats.mean) / self.reward_stats.std
@@ -908,6 +941,22 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def paired_reward_gain(store: Store, run_id: str, start: int, end: int) -> dict[str, float]:
+    """Held-out reward at step ``end`` minus step ``start``, paired by prompt: the mean over prompts of
+    (mean reward of the prompt's responses at ``end`` - at ``start``) and its standard error. Pairing
+    removes the prompts' own spread (some prompts always score higher), which dominates an unpaired
+    comparison of two means."""
+    rows = store.query(
+        "SELECT prompt_id, avg(reward) FILTER (WHERE step = ?) AS r0, avg(reward) FILTER (WHERE step = ?) AS r1 "
+        "FROM samples WHERE run_id = ? AND split = 'test' GROUP BY prompt_id", [start, end, run_id])
+    diffs = [r["r1"] - r["r0"] for r in rows if r["r0"] is not None and r["r1"] is not None]
+    if len(diffs) < 2:
+        return {}
+    mean = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    return {"eval_reward_gain": mean, "eval_reward_gain_se": se, "eval_reward_gain_prompts": len(diffs)}
+
+
 def prompt_indices(n_prompts: int, step: int, batch_size: int, seed: int) -> list[int]:
     """Prompts for a step: passes over a fresh seeded permutation each time, so any step can be
     recomputed (resume) without replaying the ones before it."""
@@ -952,6 +1001,11 @@ def run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None = None, progr
     ``reward`` overrides ``cfg.reward`` with a live object (a Python function reward in tests).
     Raises ``PPOError`` when training stops on NaN/inf or a KL blow-up.
     """
+    with sigterm_as_interrupt():  # a `kill` marks the run 'interrupted' (resumable), like Ctrl-C
+        return _run_ppo(store, cfg, reward=reward, progress=progress, plot=plot)
+
+
+def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: bool, plot: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from cai.generate import select_prompts
@@ -1026,9 +1080,12 @@ def run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None = None, progr
     def evaluate(step: int) -> dict[str, float]:
         if not eval_prompts:
             return {}
-        m, details = trainer.evaluate([p["messages"] for p in eval_prompts], seed=cfg.seed + 10**6)
+        # The same prompts and sampling seed at every evaluation, so the curve moves with the policy only.
+        repeated = [p for p in eval_prompts for _ in range(cfg.eval_samples_per_prompt)]
+        m, details = trainer.evaluate([p["messages"] for p in repeated], seed=cfg.seed + 10**6)
         store.insert("metrics", _metric_rows(run_id, model_id, step, "test", m))
-        store.insert("samples", _sample_rows(run_id, model_id, step, "test", eval_prompts, details, cfg.num_samples))
+        # Every held-out response is kept (a few dozen rows): the paired gain below is computed from them.
+        store.insert("samples", _sample_rows(run_id, model_id, step, "test", repeated, details, len(repeated)))
         return m
 
     last_ckpt = ckpt
@@ -1040,7 +1097,11 @@ def run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None = None, progr
             if first_eval:
                 summary["eval_reward_start"] = first_eval["reward"]
         for step in range(start_step, cfg.steps):
-            chosen = [prompts[i] for i in prompt_indices(len(prompts), step, cfg.batch_size, cfg.seed)]
+            # batch_size / k prompts, each k times in a row (k = samples_per_prompt; the group baseline
+            # relies on that order).
+            k = cfg.samples_per_prompt
+            chosen = [prompts[i] for i in prompt_indices(len(prompts), step, cfg.batch_size // k, cfg.seed)
+                      for _ in range(k)]
             try:
                 metrics, details = trainer.step([p["messages"] for p in chosen], seed=cfg.seed * 100003 + step)
             except FloatingPointError as e:
@@ -1063,6 +1124,7 @@ def run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None = None, progr
         if final_eval:
             summary["eval_reward_end"] = final_eval["reward"]
             summary["eval_kl_end"] = final_eval["kl"]
+            summary.update(paired_reward_gain(store, run_id, 0, cfg.steps))
     except BaseException as e:
         bar.close()
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"

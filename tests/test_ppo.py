@@ -21,6 +21,7 @@ from cai.ppo import (
     RunningMoments,
     apply_eos_penalty,
     gae,
+    leave_one_out_baseline,
     make_batch,
     per_token_rewards,
     policy_loss,
@@ -56,6 +57,18 @@ def test_eos_penalty_only_hits_responses_cut_off():
     has_eos = torch.tensor([True, False, False])
     assert apply_eos_penalty(scores, has_eos, 2.0).tolist() == [1.0, -1.0, -2.5]
     assert apply_eos_penalty(scores, has_eos, 0.0).tolist() == scores.tolist()
+
+
+def test_leave_one_out_group_baseline_hand_computed():
+    # two prompts, three responses each: [1, 2, 6] and [10, 10, 13]
+    scores = torch.tensor([1.0, 2.0, 6.0, 10.0, 10.0, 13.0])
+    # 1 - mean(2, 6) = -3 ; 2 - mean(1, 6) = -1.5 ; 6 - mean(1, 2) = 4.5 ; 10 - 11.5 ; 10 - 11.5 ; 13 - 10
+    expected = torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+    assert torch.allclose(leave_one_out_baseline(scores, 3), expected)
+    # the second prompt is easier (higher scores), yet its answers are judged against each other only
+    assert leave_one_out_baseline(scores, 1).tolist() == scores.tolist()  # one sample: nothing to compare
+    with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
+        PPOConfig(batch_size=8, minibatch_size=4, samples_per_prompt=3)
 
 
 def test_kl_penalty_on_every_token_and_score_at_the_last_real_token():
@@ -213,6 +226,10 @@ def test_ppo_learns_a_verifiable_reward_and_keeps_kl_under_target(prompt_store, 
     first, last = sum(curve[s] for s in range(3)) / 3, sum(curve[s] for s in range(9, 12)) / 3
     assert last > first + 0.15, curve
     assert summary["eval_reward_end"] > summary["eval_reward_start"] + 0.15, summary
+    # the same gain, paired by held-out prompt, with its standard error (every held-out response is kept)
+    assert summary["eval_reward_gain"] == pytest.approx(summary["eval_reward_end"] - summary["eval_reward_start"])
+    assert summary["eval_reward_gain"] > 3 * summary["eval_reward_gain_se"] > 0
+    assert summary["eval_reward_gain_prompts"] == summary["eval_prompts"] > 10
     kls = [r["value"] for r in store.query(
         "SELECT value FROM metrics WHERE run_id = ? AND name = 'kl'", [summary["run_id"]])]
     assert max(kls) < cfg.target_kl, kls
@@ -316,11 +333,21 @@ def test_cli_ppo(tmp_path, tiny_policy_dir, demo_prompt_files):
     subprocess.run([cai, "ingest", str(demo_prompt_files[1])], env=env, check=True, capture_output=True)
     out = subprocess.run([cai, "ppo", "--policy", str(tiny_policy_dir), "--reward", "python:cai.ppo:reward_spaces",
                           "--steps", "2", "--batch-size", "4", "--minibatch-size", "2", "--max-new-tokens", "4",
-                          "--set", "eval_prompts=4", "--threads", "1"],
+                          "--samples-per-prompt", "2", "--set", "eval_prompts=4", "--threads", "1"],
                          env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr + out.stdout
     summary = json.loads(out.stdout[out.stdout.index("{"):])
     assert summary["model_id"].startswith("ppo-") and Path(summary["plot"]).exists()
+    # two prompts a step, each answered twice (two different samples)
+    from cai.store import Store
+
+    rows = Store(db).query("SELECT prompt_id, response FROM samples WHERE split = 'train' AND step = 0 "
+                           "ORDER BY sample_id")
+    assert len(rows) == 4 and len({r["prompt_id"] for r in rows}) == 2
+    by_prompt: dict[str, list[str]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], []).append(r["response"])
+    assert all(len(v) == 2 and v[0] != v[1] for v in by_prompt.values()), by_prompt
     bad = subprocess.run([cai, "ppo", "--policy", str(tiny_policy_dir), "--batch-size", "6", "--minibatch-size", "4"],
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 1 and "multiple of minibatch_size" in bad.stderr
