@@ -21,13 +21,14 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help env model test test-fast lint demo bench clean
+.PHONY: help env model test test-fast lint demo ppo-embedded bench clean
 
 help:
 	@echo "make demo      set up .venv, fetch the embedded model, run the demo pipeline"
 	@echo "make test      run the whole test suite (sets up .venv first if needed)"
 	@echo "make test-fast unit tests only (no real model, no vLLM)"
 	@echo "make lint      ruff"
+	@echo "make ppo-embedded  after make demo: 24 PPO steps on the demo's SFT policy and reward model (~20 min)"
 	@echo "make bench     throughput benchmarks (bench/)"
 
 # The environment is rebuilt only when pyproject.toml changes, so a second `make test` starts in seconds.
@@ -69,6 +70,13 @@ demo: env model
 	@echo "  cai sql \"select prompt, chosen, rejected, round(probability, 2) as p, principle_ids from preferences limit 5\""
 	@echo "  cai sql \"select metric, step, round(value, 3) as value from training_curves where stage = 'ppo' and metric in ('reward', 'kl') and split = 'test' order by metric, step\""
 	@echo "  cai sql \"select policy_id, baseline_id, metric, round(value, 3) as policy, round(baseline_value, 3) as baseline from policy_evaluations\""
+
+# 24 PPO steps with the embedded model against the demo's reward model; prints the held-out reward curve.
+ppo-embedded: env model
+	@test -f $(DEMO_DB) || { echo "run 'make demo' first: PPO starts from its SFT model and reward model"; exit 1; }
+	CAI_DB=$(DEMO_DB) $(CAI) run flows/ppo-embedded.yaml --stages ppo
+	CAI_DB=$(DEMO_DB) $(CAI) sql "select step, metric, round(value, 4) as value from training_curves where run_id = (select run_id from runs where stage = 'ppo' and status = 'ok' order by finished_at desc limit 1) and split = 'test' and metric in ('reward', 'kl', 'eos_fraction') order by metric, step"
+	CAI_DB=$(DEMO_DB) $(CAI) sql "select json_extract(summary, '$$.eval_reward_gain') as paired_gain, json_extract(summary, '$$.eval_reward_gain_se') as standard_error, json_extract(summary, '$$.plot') as plot from runs where stage = 'ppo' and status = 'ok' order by finished_at desc limit 1"
 
 bench: env model
 	for b in generate critique judge reward ppo pipeline; do $(PY) bench/$$b.py || exit 1; done
