@@ -346,7 +346,7 @@ def test_cli_train_score_eval(tmp_path, tiny_reward_dir, monkeypatch):
     assert json.loads(result.stdout)["pairs"] == 4
 
     bad = run("train-rm", "--base-model", tiny_reward_dir, "--val-fraction", "2")
-    assert bad.exit_code == 1 and "--val-fraction" in bad.stderr
+    assert bad.exit_code == 1 and "val_fraction" in bad.stderr and "less than 1" in bad.stderr
     missing = run("rm", "eval", tmp_path / "nope.jsonl", "--model", model_id)
     assert missing.exit_code == 1 and "no such file" in missing.stderr
 
