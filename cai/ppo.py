@@ -160,8 +160,8 @@ class PPOConfig(BaseModel):
 
     # Fields that change how often things are logged or saved, or how fast it runs, not the weights.
     NOT_TRAINING: ClassVar[frozenset[str]] = frozenset({
-        "steps", "eval_every", "eval_prompts", "eval_split", "eval_samples_per_prompt", "save_every", "sample_every", "num_samples", "resume",
-        "output_dir", "device", "forward_batch_size", "generation_batch_size", "rollout_engine", "threads"})
+        "steps", "eval_every", "eval_prompts", "eval_split", "eval_samples_per_prompt", "save_every", "sample_every",
+        "num_samples", "resume", "output_dir", "device", "forward_batch_size", "generation_batch_size", "rollout_engine", "threads"})
 
     def training_key(self, ids: dict[str, str]) -> str:
         """Identifies a training trajectory (constant LR: the first N steps don't depend on ``steps``)."""
