@@ -397,13 +397,16 @@ def sft(db: DbOption = None,
     from cai.models import ModelNotFoundError
     from cai.sft import SFTConfig, run_sft
 
+    # `--split all` means no split filter: the config's None, which a flag (None = not given) can't carry.
+    if split == "all":
+        split, sets = None, ["split=null", *(sets or [])]
     cfg = _train_config(SFTConfig, dict(
         base_model=base_model, model_id=model_id, output_dir=str(output_dir) if output_dir else None,
         constitution_hash=constitution, revision_model=revision_model, limit=limit, val_fraction=val_fraction,
         max_length=max_length, lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
         max_steps=max_steps, seed=seed, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
         mixed_precision=mixed_precision, device=device, eval_every=eval_every, save_every=save_every,
-        split=None if split == "all" else split), [*(["split=null"] if split == "all" else []), *(sets or [])], config)
+        split=split), sets, config)
     try:
         summary = run_sft(_store(db), cfg, stop_after_steps=stop_after)
     except (ModelNotFoundError, LookupError, StoreLockedError, RuntimeError, ValueError) as e:
@@ -839,8 +842,8 @@ def ppo(db: DbOption = None,
     cfg = _train_config(PPOConfig, {
         "policy": policy, "reward": reward, "ref": ref, "value_model": value_model, "steps": steps,
         "batch_size": batch_size, "samples_per_prompt": samples_per_prompt, "minibatch_size": minibatch_size,
-        "ppo_epochs": ppo_epochs,
-        "max_new_tokens": max_new_tokens, "temperature": temperature, "learning_rate": learning_rate,
+        "ppo_epochs": ppo_epochs, "max_new_tokens": max_new_tokens, "temperature": temperature,
+        "learning_rate": learning_rate,
         "kl_coef": kl_coef, "missing_eos_penalty": missing_eos_penalty, "limit": limit,
         "rollout_engine": engine, "device": device, "dtype": dtype, "threads": threads, "seed": seed,
         "resume": resume}, sets, config)
