@@ -49,16 +49,18 @@ def generation_id(prompt_id: str, model_id: str, params: SamplingParams, sample_
 
 def select_prompts(store: Store, *, split: str | None = None, category: str | None = None,
                    limit: int | None = None) -> list[dict[str, Any]]:
-    where, args = [], []
+    from cai.preferences import HUMAN_TAG
+
+    # Prompts that only came in with people's preference pairs (`cai ingest-preferences`) are
+    # yardsticks, not the policy's prompts: generation, PPO and evaluation never pick them.
+    where, args = ["NOT list_contains(coalesce(tags, []::VARCHAR[]), ?)"], [HUMAN_TAG]
     if split:
         where.append("split = ?")
         args.append(split)
     if category:
         where.append("category = ?")
         args.append(category)
-    sql = "SELECT prompt_id, messages FROM prompts"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
+    sql = "SELECT prompt_id, messages FROM prompts WHERE " + " AND ".join(where)
     sql += " ORDER BY created_at, source, source_line, prompt_id"
     if limit:
         sql += f" LIMIT {int(limit)}"

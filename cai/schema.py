@@ -296,8 +296,48 @@ _V2_VIEWS = [
     """,
 ]
 
+# Version 3 (issue 12): people's preference labels live in `comparisons` too (cai/preferences.py:
+# method = pair_kind = 'human', judge_name = 'human:<source>', response_a = the chosen response).
+_V3_VIEWS = [
+    # `preferences` is the AI judge's labels (export, DPO): v1's definition, human rows left out.
+    """
+    CREATE OR REPLACE VIEW preferences AS
+    SELECT c.comparison_id, c.prompt_id, p.prompt_text AS prompt, p.messages,
+           CASE WHEN c.p_a > 0.5 THEN c.response_a ELSE c.response_b END AS chosen,
+           CASE WHEN c.p_a > 0.5 THEN c.response_b ELSE c.response_a END AS rejected,
+           CASE WHEN c.p_a > 0.5 THEN c.response_a_id ELSE c.response_b_id END AS chosen_id,
+           CASE WHEN c.p_a > 0.5 THEN c.response_b_id ELSE c.response_a_id END AS rejected_id,
+           greatest(c.p_a, 1 - c.p_a) AS probability,
+           CASE WHEN c.p_a > 0.5 THEN c.score_a ELSE c.score_b END AS score_chosen,
+           CASE WHEN c.p_a > 0.5 THEN c.score_b ELSE c.score_a END AS score_rejected,
+           c.principle_ids, c.judge_name, c.judge_spec_hash, c.judge_model_id, c.constitution_hash,
+           c.method, c.pair_kind, c.position_consistent, c.run_id, c.created_at
+    FROM comparisons c JOIN prompts p USING (prompt_id)
+    WHERE c.status = 'ok' AND c.p_a IS NOT NULL AND c.p_a <> 0.5 AND c.method IS DISTINCT FROM 'human'
+    """,
+    # People's labels, one row per pair: same tie rule as `preferences`; probability = the vote share.
+    """
+    CREATE OR REPLACE VIEW human_preferences AS
+    SELECT c.comparison_id, c.prompt_id, p.prompt_text AS prompt, p.messages, p.split,
+           CASE WHEN c.p_a > 0.5 THEN c.response_a ELSE c.response_b END AS chosen,
+           CASE WHEN c.p_a > 0.5 THEN c.response_b ELSE c.response_a END AS rejected,
+           CASE WHEN c.p_a > 0.5 THEN c.response_a_id ELSE c.response_b_id END AS chosen_id,
+           CASE WHEN c.p_a > 0.5 THEN c.response_b_id ELSE c.response_a_id END AS rejected_id,
+           greatest(c.p_a, 1 - c.p_a) AS probability,
+           c.judge_name, substr(c.judge_name, 7) AS source,
+           json_extract_string(c.params, '$.file') AS file,
+           TRY_CAST(json_extract_string(c.params, '$.line') AS INTEGER) AS line,
+           json_extract_string(c.params, '$.id') AS external_id,
+           json_extract_string(c.params, '$.subset') AS subset,
+           c.run_id, c.created_at
+    FROM comparisons c JOIN prompts p USING (prompt_id)
+    WHERE c.method = 'human' AND c.status = 'ok' AND c.p_a IS NOT NULL AND c.p_a <> 0.5
+    """,
+]
+
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (1, _V1_TABLES + _V1_VIEWS),
     (2, _V2_VIEWS),
+    (3, _V3_VIEWS),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
