@@ -174,9 +174,13 @@ def _selections(store: Store, cfg: EvaluateConfig) -> list[tuple[str | None, int
     way ``run_generate`` does, so this module and that stage see the same prompts."""
     if not cfg.limit:
         return [(None, None)]
-    split_sql, args = ("WHERE split = ?", [cfg.split]) if cfg.split else ("", [])
+    from cai.preferences import HUMAN_TAG
+
+    # As select_prompts: prompts that came only with people's preference pairs are not evaluated on.
+    split_sql, args = ("AND split = ?", [HUMAN_TAG, cfg.split]) if cfg.split else ("", [HUMAN_TAG])
     cats = [r["category"] for r in store.query(
-        f"SELECT DISTINCT category FROM prompts {split_sql} ORDER BY category NULLS LAST", args)]
+        "SELECT DISTINCT category FROM prompts WHERE NOT list_contains(coalesce(tags, []::VARCHAR[]), ?) "
+        f"{split_sql} ORDER BY category NULLS LAST", args)]
     if not cats or None in cats:
         return [(None, cfg.limit)]
     share, extra = divmod(cfg.limit, len(cats))

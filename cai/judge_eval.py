@@ -16,10 +16,15 @@ Metrics (over valid items unless said otherwise):
   first (0.5 = no position bias);
 * ``brier``: mean (P(A better) - [A is the human's choice])^2; ``ece``: expected calibration error
   over 10 equal-width bins of P(A better); both also for the first ordering alone;
-* ``invalid_rate`` and the reasons; per-principle agreement when a constitution is used.
+* ``invalid_rate`` and the reasons; per-principle agreement when a constitution is used;
+* intervals (95 %, Wilson) on the agreement rates, and ``length_baseline``: the agreement of "pick
+  the longer response" on the same (valid) pairs, with ``agreement_minus_length_baseline``, the
+  paired difference; per-subset agreement for subset-like fields of the file (``subset``,
+  ``agreement``, ...; see ``cai.pair_accuracy``) and per-principle agreement, each with its interval.
 
 Results go to the ``evaluations`` table (kind 'judge_quality', one row per metric, subject = the
-judge spec hash), a reliability plot PNG and a per-item JSONL in ``out_dir``.
+judge spec hash; ``details`` holds ``low``/``high``/``n`` where the metric has an interval), a
+reliability plot PNG and a per-item JSONL in ``out_dir``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,14 @@ from typing import Any
 from cai.engines.base import Engine
 from cai.judge import Judge, PairInput, PrincipleRef
 from cai.judge_spec import JudgeSpec
+from cai.pair_accuracy import (
+    AccuracyReport,
+    accuracy_report,
+    evaluation_metrics,
+    interval_details,
+    longer_pick,
+)
+from cai.stats import wilson
 from cai.store import Store, content_hash, now
 from cai.yamlio import Problem, SpecError
 
@@ -48,6 +61,7 @@ class LabelledPair:
     chosen: str
     rejected: str
     line: int
+    meta: dict[str, Any] = field(default_factory=dict)  # the record's other fields (subset, agreement, ...)
 
 
 def load_labelled_pairs(path: str | Path, limit: int | None = None) -> list[LabelledPair]:
@@ -87,7 +101,9 @@ def load_labelled_pairs(path: str | Path, limit: int | None = None) -> list[Labe
             if bad:
                 problems.append(Problem(str(path), n, bad[0], "must be text (the response)"))
                 continue
-            items.append(LabelledPair(str(rec.get("id", f"line-{n}")), messages, rec["chosen"], rec["rejected"], n))
+            meta = {k: v for k, v in rec.items() if k not in {"id", "prompt", "messages", "chosen", "rejected"}}
+            items.append(LabelledPair(str(rec.get("id", f"line-{n}")), messages, rec["chosen"], rec["rejected"], n,
+                                      meta))
     if problems:
         raise SpecError(problems)
     if not items:
@@ -142,6 +158,9 @@ class JudgeEvalReport:
     invalid_reasons: dict[str, int]
     per_principle: list[dict[str, Any]]
     bins: dict[str, list[dict[str, float]]]
+    accuracy: AccuracyReport | None = None           # agreement, length baseline, per subset (valid pairs)
+    intervals: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> low/high/n/method
+    group_metrics: dict[str, float] = field(default_factory=dict)  # agreement[agreement=3/3], ...
     plot: str | None = None
     items_file: str | None = None
     seconds: float = 0.0
@@ -187,22 +206,46 @@ def compute_metrics(items: list[dict[str, Any]], both_orderings: bool) -> tuple[
 
 
 def per_principle_breakdown(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Agreement per principle (with its Wilson interval) and, where items carry ``longer`` (the
+    length baseline's score), the length baseline on the pairs that principle labelled."""
     stats: dict[str, dict[str, Any]] = {}
     for it in items:
         for d in it.get("principles", []):
-            s = stats.setdefault(d["id"], {"principle": d["id"], "n": 0, "invalid": 0, "_agree": [], "_cons": []})
+            s = stats.setdefault(d["id"], {"principle": d["id"], "n": 0, "invalid": 0, "_agree": [], "_cons": [],
+                                           "_longer": []})
             s["n"] += 1
             if d["status"] != "ok":
                 s["invalid"] += 1
                 continue
             s["_agree"].append(agreement(d["p"], it["y"]))
+            if it.get("longer") is not None:
+                s["_longer"].append(it["longer"])
             if d.get("consistent") is not None:
                 s["_cons"].append(float(d["consistent"]))
     out = []
     for s in stats.values():
+        iv = wilson(sum(s["_agree"]), len(s["_agree"]))
         out.append({"principle": s["principle"], "n": s["n"], "invalid": s["invalid"],
-                    "agreement": _mean(s["_agree"]), "position_consistency": _mean(s["_cons"])})
+                    "agreement": _mean(s["_agree"]),
+                    "agreement_low": iv.low if iv.n else None, "agreement_high": iv.high if iv.n else None,
+                    "length_baseline": _mean(s["_longer"]), "position_consistency": _mean(s["_cons"])})
     return sorted(out, key=lambda r: r["principle"])
+
+
+def rate_intervals(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Wilson intervals of the rates ``compute_metrics`` reports (ties count half), as details."""
+    valid = [it for it in items if it["status"] == "ok"]
+    out = {"agreement_all_items": wilson(sum(agreement(it["p_a"], it["y"]) if it["status"] == "ok" else 0.5
+                                             for it in items), len(items)),
+           "invalid_rate": wilson(len(items) - len(valid), len(items))}
+    for key, field_ in (("agreement_first_ordering", "p_a_first"), ("agreement_swapped_ordering", "p_a_swapped")):
+        ps = [(it[field_], it["y"]) for it in valid if it.get(field_) is not None]
+        if ps:
+            out[key] = wilson(sum(agreement(p, y) for p, y in ps), len(ps))
+    cons = [it["position_consistent"] for it in valid if it.get("position_consistent") is not None]
+    if cons:
+        out["position_consistency"] = wilson(sum(bool(c) for c in cons), len(cons))
+    return {k: interval_details(v) for k, v in out.items() if v.n}
 
 
 def reliability_plot(bins: dict[str, list[dict[str, float]]], out: Path, title: str) -> Path:
@@ -243,7 +286,8 @@ def run_judge_eval(store: Store | None, path: str | Path, spec: JudgeSpec, engin
                    model_id: str, engine_kind: str, principles: list[PrincipleRef] | None = None,
                    constitution_hash: str | None = None, limit: int | None = None, batch_size: int = 64,
                    seed: int = 0, out_dir: str | Path | None = Path("data") / "runs" / "judge-eval",
-                   progress: bool = True) -> JudgeEvalReport:
+                   progress: bool = True, by: list[str] | None = None) -> JudgeEvalReport:
+    """``by``: fields of the file to break agreement down by (default: the subset-like ones it has)."""
     from tqdm.auto import tqdm
 
     started = time.time()
@@ -268,6 +312,7 @@ def run_judge_eval(store: Store | None, path: str | Path, spec: JudgeSpec, engin
         for k, v in enumerate(verdicts):
             p = pairs[start + k]
             items.append({"id": p.id, "line": p.line, "y": 0 if flips[start + k] else 1, "status": v.status,
+                          "longer": longer_pick(p.chosen, p.rejected),
                           "reason": v.reason, "p_a": v.p_a, "p_a_first": v.p_a_first,
                           "p_a_swapped": v.p_a_swapped, "position_consistent": v.position_consistent,
                           "score_a": v.score_a, "score_b": v.score_b, "principle_ids": v.principle_ids,
@@ -276,17 +321,27 @@ def run_judge_eval(store: Store | None, path: str | Path, spec: JudgeSpec, engin
     bar.close()
 
     metrics, bins = compute_metrics(items, spec.both_orderings and spec.pairwise)
+    # Agreement beside the longer-answer baseline on the same valid pairs, and per subset.
+    ok = [i for i, it in enumerate(items) if it["status"] == "ok"]
+    acc = accuracy_report([agreement(items[i]["p_a"], items[i]["y"]) for i in ok], [pairs[i].chosen for i in ok],
+                          [pairs[i].rejected for i in ok], [pairs[i].meta for i in ok], by)
+    intervals, group_metrics = rate_intervals(items), {}
+    for name, value, details in evaluation_metrics(acc, "agreement"):
+        intervals[name] = details
+        (group_metrics if "[" in name else metrics)[name] = value
     report = JudgeEvalReport(
         judge=spec.name, spec_hash=spec.hash, method=spec.method, model_id=model_id, engine=engine_kind,
         dataset=str(path), n=len(items), metrics=metrics,
         invalid_reasons=dict(Counter(it["reason"] for it in items if it["status"] != "ok")),
         per_principle=per_principle_breakdown(items) if principles else [], bins=bins,
+        accuracy=acc, intervals=intervals, group_metrics=group_metrics,
         seconds=round(time.time() - started, 2),
         pairs_per_second=round(len(items) / judge_seconds, 3) if judge_seconds else None,
         details={"dataset_sha256": digest, "limit": limit, "seed": seed, "constitution_hash": constitution_hash,
                  "answer_tokens": judge.answer.pieces, "engine_calls": judge.calls},
     )
-    tag = content_hash(spec.hash, model_id, engine_kind, digest, limit, seed, constitution_hash, length=8)
+    tag = content_hash(spec.hash, model_id, engine_kind, digest, limit, seed, constitution_hash,
+                       *([by] if by else []), length=8)
     if out_dir is not None:
         out_dir = Path(out_dir)
         stem = f"{spec.name}-{path.stem}-{tag}"
@@ -310,23 +365,28 @@ def write_evaluations(store: Store, report: JudgeEvalReport, tag: str) -> int:
               "engine": report.engine, "n": report.n, "plot": report.plot, "items_file": report.items_file,
               **report.details}
     rows, stamp = [], now()
-    for metric, value in report.metrics.items():
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue
+    values = {m: v for m, v in report.metrics.items()
+              if v is not None and not (isinstance(v, float) and math.isnan(v))} | report.group_metrics
+    for metric, value in values.items():
+        # `n` stays the number of pairs evaluated; an interval's own count is `interval_n`.
+        iv = report.intervals.get(metric)
+        extra = {} if iv is None else {k: v for k, v in iv.items() if k != "n"} | {"interval_n": iv["n"]}
         rows.append({"evaluation_id": content_hash("judge_quality", tag, metric), "kind": "judge_quality",
                      "subject_id": report.spec_hash, "baseline_id": None, "dataset": report.dataset,
-                     "metric": metric, "value": float(value), "details": json.dumps(common, default=str),
+                     "metric": metric, "value": float(value), "details": json.dumps(common | extra, default=str),
                      "run_id": run_id, "created_at": stamp})
     for pr in report.per_principle:
-        for metric in ("agreement", "position_consistency"):
+        for metric in ("agreement", "length_baseline", "position_consistency"):
             if pr[metric] is None:
                 continue
             name = f"{metric}[{pr['principle']}]"
+            extra = ({"low": pr["agreement_low"], "high": pr["agreement_high"], "interval_method": "wilson",
+                      "interval_n": pr["n"] - pr["invalid"]} if metric == "agreement" else {})
             rows.append({"evaluation_id": content_hash("judge_quality", tag, name), "kind": "judge_quality",
                          "subject_id": report.spec_hash, "baseline_id": None, "dataset": report.dataset,
                          "metric": name, "value": float(pr[metric]),
                          "details": json.dumps({**common, "principle": pr["principle"], "principle_n": pr["n"],
-                                                "principle_invalid": pr["invalid"]}, default=str),
+                                                "principle_invalid": pr["invalid"], **extra}, default=str),
                          "run_id": run_id, "created_at": stamp})
     n = store.insert("evaluations", rows)
     store.finish_run(run_id, "ok", {"metrics": report.metrics, "rows": n, "seconds": report.seconds})

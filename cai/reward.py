@@ -3,8 +3,12 @@
 The whole trainer is in this file and reads top to bottom:
 
 1. **data**: ``comparisons`` rows with ``status = 'ok'`` joined to their prompts; each is a pair
-   (response a, response b) with the judge's soft label ``p_a = P(a is better)``. Filters: minimum
-   confidence, judge spec, constitution, pair kind. The snapshot (ids hash, counts, judge and
+   (response a, response b) with the judge's soft label ``p_a = P(a is better)``. ``sources`` picks
+   whose labels: the AI judge's (``ai``, the default), people's (``human``: every ``human:<source>``
+   imported with ``cai ingest-preferences``; or one ``human:<source>``), or a weighted mix; each
+   pair's loss is multiplied by its source's weight (weights rescaled to mean 1 over the pairs).
+   Filters: minimum confidence; judge spec, constitution and pair kind (these three describe AI
+   labels and apply to them only). The snapshot (ids hash, counts per source, judge and
    constitution hashes) is recorded with the model.
 2. **split** by prompt: prompts are ordered by ``hash(seed, prompt_id)`` and the first
    ``val_fraction`` of them are validation, so no prompt is on both sides.
@@ -38,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from cai import training
@@ -62,6 +66,8 @@ from cai.training import (
     sigterm_as_interrupt,
 )
 
+DEFAULT_SOURCES = {"ai": 1.0}
+
 
 class RewardConfig(TrainingConfig):
     model_id: str | None = Field(None, description="Id for the new model (default: rm-<hash of config and data>).")
@@ -75,6 +81,11 @@ class RewardConfig(TrainingConfig):
     min_confidence: float = Field(0.5, ge=0.5, le=1.0,
                                   description="Drop comparisons whose max(p_a, 1 - p_a) is below this.")
     limit: int | None = Field(None, ge=2, description="At most this many comparisons (by id order).")
+    sources: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_SOURCES),
+        description="Whose labels, with a loss weight each: 'ai' (the AI judge's comparisons), 'human' (all "
+                    "people's labels) or 'human:<source>' (one imported set). Text works too: 'human', "
+                    "'ai=1,human:hh_harmless_dev=0.5'.")
     max_length: int = Field(1024, ge=8, description="Tokens per sequence; longer ones lose tokens on the left.")
     # --- objective ---
     hard_labels: bool = Field(False, description="Train on 1[p_a > 0.5] (ties dropped) instead of p_a.")
@@ -85,6 +96,54 @@ class RewardConfig(TrainingConfig):
     eval_every: int = Field(100, ge=1, description="Steps between validation passes (and one at the end).")
     eval_batch_size: int = Field(16, ge=1, description="Pairs per validation forward.")
     save_every: int = Field(200, ge=1, description="Steps between checkpoints.")
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _parse_sources(cls, value: Any) -> Any:
+        return parse_sources(value) if isinstance(value, str) else value
+
+    @field_validator("sources")
+    @classmethod
+    def _check_sources(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value:
+            raise ValueError("name at least one source: ai, human or human:<source>")
+        for key, weight in value.items():
+            if key not in ("ai", "human") and not (key.startswith("human:") and len(key) > len("human:")):
+                raise ValueError(f"unknown source {key!r}: use ai, human or human:<source> (the judge_name of "
+                                 "imported labels, see `select distinct judge_name from human_preferences`)")
+            if not weight > 0:
+                raise ValueError(f"the weight of {key!r} must be > 0 (leave a source out to drop it)")
+        return value
+
+    def identity(self) -> dict[str, Any]:
+        # The default selection (AI labels only) keeps the ids models had before sources existed.
+        ident = super().identity()
+        if self.sources == DEFAULT_SOURCES:
+            ident.pop("sources")
+        return ident
+
+
+def parse_sources(text: str) -> dict[str, float]:
+    """``"human"`` -> ``{"human": 1.0}``; ``"ai=1,human:hh=0.5"`` -> ``{"ai": 1.0, "human:hh": 0.5}``."""
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        key, sep, weight = item.strip().partition("=")
+        if not key.strip():
+            continue
+        try:
+            out[key.strip()] = float(weight) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"source {item.strip()!r}: the weight after '=' must be a number") from None
+    return out
+
+
+def source_of(method: str | None, judge_name: str | None, sources: dict[str, float]) -> str | None:
+    """The ``sources`` key a comparison falls under (the most specific one), or None."""
+    if method != "human":
+        return "ai" if "ai" in sources else None
+    if judge_name in sources:
+        return judge_name
+    return "human" if "human" in sources else None
 
 
 # =============================================================================================
@@ -98,6 +157,7 @@ class Pair:
     response_a: str
     response_b: str
     p_a: float  # the judge's P(response_a is better)
+    weight: float = 1.0  # loss weight of the pair's source (mean 1 over the training data)
 
 
 def load_pairs(store: Store, cfg: RewardConfig) -> tuple[list[Pair], dict[str, Any]]:
@@ -107,22 +167,37 @@ def load_pairs(store: Store, cfg: RewardConfig) -> tuple[list[Pair], dict[str, A
     args: list[Any] = [cfg.min_confidence]
     if cfg.hard_labels:
         where.append("c.p_a <> 0.5")  # a tie has no hard label
-    for column in ("judge_spec_hash", "constitution_hash", "pair_kind"):
-        if getattr(cfg, column) is not None:
-            where.append(f"c.{column} = ?")
-            args.append(getattr(cfg, column))
+    # Whose labels: AI rows (with the AI-label filters) and/or people's rows, by source.
+    chosen: list[str] = []
+    if "ai" in cfg.sources:
+        ai_where = ["c.method IS DISTINCT FROM 'human'"]
+        for column in ("judge_spec_hash", "constitution_hash", "pair_kind"):
+            if getattr(cfg, column) is not None:
+                ai_where.append(f"c.{column} = ?")
+                args.append(getattr(cfg, column))
+        chosen.append(" AND ".join(ai_where))
+    if "human" in cfg.sources:
+        chosen.append("c.method = 'human'")
+    named = [k for k in cfg.sources if k.startswith("human:")]
+    if named and "human" not in cfg.sources:
+        chosen.append(f"(c.method = 'human' AND c.judge_name IN ({', '.join('?' for _ in named)}))")
+        args += named
+    where.append("(" + " OR ".join(f"({c})" for c in chosen) + ")")
     if cfg.split is not None:
         where.append("coalesce(p.split, 'train') = ?")
         args.append(cfg.split)
     sql = ("SELECT c.comparison_id, c.prompt_id, p.messages, c.response_a, c.response_b, c.p_a, "
-           "c.judge_spec_hash, c.judge_name, c.judge_model_id, c.constitution_hash, c.pair_kind "
+           "c.judge_spec_hash, c.judge_name, c.judge_model_id, c.constitution_hash, c.pair_kind, c.method "
            "FROM comparisons c JOIN prompts p USING (prompt_id) WHERE " + " AND ".join(where) +
            " ORDER BY c.comparison_id")
     if cfg.limit:
         sql += f" LIMIT {int(cfg.limit)}"
     rows = store.query(sql, args)
+    keys = [source_of(r["method"], r["judge_name"], cfg.sources) for r in rows]
+    raw_weights = [cfg.sources[k] for k in keys]  # every row matched one key in SQL
+    scale = len(raw_weights) / sum(raw_weights) if raw_weights else 1.0
     pairs = [Pair(r["comparison_id"], r["prompt_id"], json.loads(r["messages"]), r["response_a"], r["response_b"],
-                  min(max(float(r["p_a"]), 0.0), 1.0)) for r in rows]
+                  min(max(float(r["p_a"]), 0.0), 1.0), w * scale) for r, w in zip(rows, raw_weights, strict=True)]
 
     def distinct(col: str) -> list[str]:
         return sorted({r[col] for r in rows if r[col] is not None})
@@ -137,8 +212,12 @@ def load_pairs(store: Store, cfg: RewardConfig) -> tuple[list[Pair], dict[str, A
         "constitution_hashes": distinct("constitution_hash"),
         "pair_kinds": {k: sum(r["pair_kind"] == k for r in rows) for k in distinct("pair_kind")},
         "mean_confidence": round(sum(max(p.p_a, 1 - p.p_a) for p in pairs) / max(len(pairs), 1), 4),
+        # Whose labels, how many of each, and the loss weight they were given (as configured).
+        "sources": {k: {"weight": w, "comparisons": keys.count(k)} for k, w in cfg.sources.items()},
+        "human_sources": {j: sum(1 for r in rows if r["method"] == "human" and r["judge_name"] == j)
+                          for j in distinct("judge_name") if j.startswith("human:")},
         "filters": {k: getattr(cfg, k) for k in ("judge_spec_hash", "constitution_hash", "pair_kind", "split",
-                                                 "min_confidence", "limit", "hard_labels")},
+                                                 "min_confidence", "limit", "hard_labels", "sources")},
     }
     return pairs, snapshot
 
@@ -157,6 +236,7 @@ class Encoded:
     ids_b: list[list[int]]
     p_a: torch.Tensor  # float32 (N,)
     truncated: int
+    weights: torch.Tensor | None = None  # float32 (N,) loss weights; None: all 1
 
     def __len__(self) -> int:
         return len(self.comparison_ids)
@@ -167,8 +247,10 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int) -> Encoded:
     ids, truncated = encode(tokenizer, prompts * 2, [p.response_a for p in pairs] + [p.response_b for p in pairs],
                             max_length=max_length)
     n = len(pairs)
+    weights = [p.weight for p in pairs]
     return Encoded([p.comparison_id for p in pairs], ids[:n], ids[n:],
-                   torch.tensor([p.p_a for p in pairs], dtype=torch.float32), truncated)
+                   torch.tensor([p.p_a for p in pairs], dtype=torch.float32), truncated,
+                   None if all(w == 1.0 for w in weights) else torch.tensor(weights, dtype=torch.float32))
 
 
 def micro_batch(data: Encoded, indices: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -292,8 +374,10 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
     # ---- data ----
     pairs, snapshot = load_pairs(store, cfg)
     if len(pairs) < 2:
+        hint = ("import people's labels with `cai ingest-preferences FILE`" if "ai" not in cfg.sources
+                else "label some pairs with the judge first")
         raise LookupError(f"{store.path} has {len(pairs)} usable comparisons (status 'ok', p_a set, filters: "
-                          f"{snapshot['filters']}); label some pairs with the judge first")
+                          f"{snapshot['filters']}); {hint}")
     train_pairs, val_pairs = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
     base_id, base_path = resolve_in_store(store, cfg.base_model)
     config_hash = content_hash(cfg.identity(), base_id)
@@ -357,13 +441,16 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
             n_step = len(step_indices)
             loss_sum, right, decided = 0.0, 0.0, 0
             for m in range(0, n_step, cfg.batch_size):
-                input_ids, mask, p_a = micro_batch(train, step_indices[m:m + cfg.batch_size], pad_id)
+                chunk = step_indices[m:m + cfg.batch_size]
+                input_ids, mask, p_a = micro_batch(train, chunk, pad_id)
                 input_ids, mask, p_a = input_ids.to(device), mask.to(device), p_a.to(device)
                 with autocast():
                     rewards = sequence_rewards(model, input_ids, mask)
                 r_a, r_b = rewards.chunk(2)
                 per_pair = preference_loss(r_a, r_b, p_a, hard_labels=cfg.hard_labels, margin=cfg.margin,
                                            center_coef=cfg.center_coef)
+                if train.weights is not None:  # a weighted mix of sources
+                    per_pair = per_pair * train.weights[list(chunk)].to(device)
                 # Sum over the micro-batch / pairs in the whole step: the step's gradient is the mean
                 # over its pairs however they are split into micro-batches.
                 (per_pair.sum() / n_step).backward()

@@ -330,12 +330,19 @@ def score_store(rm: RewardModel, store: Store, *, sql: str | None = None, limit:
 
 # ---- cai rm eval -----------------------------------------------------------------------------------
 def evaluate_human_pairs(store: Store, model: str, path: str | Path, *, limit: int | None = None,
-                         batch_size: int = 16, rm: RewardModel | None = None) -> dict[str, Any]:
+                         batch_size: int = 16, rm: RewardModel | None = None,
+                         by: list[str] | None = None) -> dict[str, Any]:
     """Accuracy of a reward model on human-labelled pairs: how often r(chosen) > r(rejected).
 
-    Exact ties count as half right. Results go to ``evaluations`` (kind ``reward_model``, one row per
-    metric, subject = the model id, dataset = the file's name); returns them as a summary.
+    Exact ties count as half right. Accuracy comes with its Wilson 95 % interval, beside the "pick
+    the longer response" baseline on the same pairs and per subset (``by``: fields of the file;
+    default the subset-like ones it has, see ``cai.pair_accuracy``). Results go to ``evaluations``
+    (kind ``reward_model``, one row per metric, subject = the model id, dataset = the file's name,
+    ``details`` with ``low``/``high``/``interval_n``); returns them as a summary (``report``: the
+    same as lines of text).
     """
+    from cai.pair_accuracy import accuracy_report, evaluation_metrics
+
     started = time.time()
     path = Path(path)
     pairs = read_pairs(path, limit)
@@ -352,25 +359,40 @@ def evaluate_human_pairs(store: Store, model: str, path: str | Path, *, limit: i
         by_agreement: dict[str, list[float]] = {}
         for p, ok in zip(pairs, right, strict=True):
             by_agreement.setdefault(str(p.meta.get("agreement", "all")), []).append(ok)
+        acc = accuracy_report(right, [p.chosen for p in pairs], [p.rejected for p in pairs], [p.meta for p in pairs], by)
         summary: dict[str, Any] = {
             "model_id": model_id, "dataset": path.name, "pairs": n, "accuracy": round(accuracy, 4),
+            "accuracy_95ci": [round(acc.accuracy.low, 4), round(acc.accuracy.high, 4)],
+            "length_baseline": round(acc.length_baseline.estimate, 4),
+            "length_baseline_95ci": [round(acc.length_baseline.low, 4), round(acc.length_baseline.high, 4)],
+            "accuracy_minus_length_baseline": round(acc.vs_length.estimate, 4),
+            "accuracy_minus_length_baseline_95ci": ([round(acc.vs_length.low, 4), round(acc.vs_length.high, 4)]
+                                                    if acc.vs_length.stderr is not None else None),
+            "by_subset": [{"field": g.field, "value": g.value, "pairs": g.accuracy.n,
+                           "accuracy": round(g.accuracy.estimate, 4),
+                           "accuracy_95ci": [round(g.accuracy.low, 4), round(g.accuracy.high, 4)],
+                           "length_baseline": round(g.length_baseline.estimate, 4)} for g in acc.groups],
+            "report": acc.lines("accuracy"),
             "mean_margin": round(sum(margins) / n, 4),
             "accuracy_by_agreement": {k: {"pairs": len(v), "accuracy": round(sum(v) / len(v), 4)}
                                       for k, v in sorted(by_agreement.items())},
             "reward_mean": round(sum(rewards) / len(rewards), 4),
         }
         file_hash = content_hash(path.read_bytes().decode("utf-8", errors="replace"))
-        details = {"file": str(path), "file_hash": file_hash, "limit": limit, "pairs": n,
+        details = {"file": str(path), "file_hash": file_hash, "limit": limit, "pairs": n, "n": n,
                    "accuracy_by_agreement": summary["accuracy_by_agreement"], "offset": rm.offset}
-        metrics = {"accuracy": accuracy, "mean_margin": summary["mean_margin"]}
+        metrics: dict[str, tuple[float, dict[str, Any]]] = {"mean_margin": (summary["mean_margin"], {})}
+        for name, value, iv in evaluation_metrics(acc, "accuracy"):
+            metrics[name] = (value, {k: v for k, v in iv.items() if k != "n"} | {"interval_n": iv["n"]})
         if "3/3" in by_agreement:
-            metrics["accuracy_unanimous"] = sum(by_agreement["3/3"]) / len(by_agreement["3/3"])
+            metrics["accuracy_unanimous"] = (sum(by_agreement["3/3"]) / len(by_agreement["3/3"]), {})
         stamp = now()
         store.insert("evaluations", [{
-            "evaluation_id": content_hash("reward_model", model_id, file_hash, limit, metric),
+            "evaluation_id": content_hash("reward_model", model_id, file_hash, limit, metric,
+                                          *([by] if by else [])),
             "kind": "reward_model", "subject_id": model_id, "baseline_id": None, "dataset": path.name,
-            "metric": metric, "value": float(value), "details": json.dumps(details), "run_id": run_id,
-            "created_at": stamp} for metric, value in metrics.items()])
+            "metric": metric, "value": float(value), "details": json.dumps(details | extra, default=str),
+            "run_id": run_id, "created_at": stamp} for metric, (value, extra) in metrics.items()])
         summary["seconds"] = round(time.time() - started, 2)
     except BaseException as e:
         store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=repr(e))

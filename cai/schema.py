@@ -333,6 +333,29 @@ _V3_VIEWS = [
     FROM comparisons c JOIN prompts p USING (prompt_id)
     WHERE c.method = 'human' AND c.status = 'ok' AND c.p_a IS NOT NULL AND c.p_a <> 0.5
     """,
+    # v1's judge_quality plus the 95 % interval `cai judge-eval` now stores in details.
+    """
+    CREATE OR REPLACE VIEW judge_quality AS
+    SELECT subject_id AS judge_spec_hash, json_extract_string(details, '$.judge') AS judge,
+           json_extract_string(details, '$.model_id') AS judge_model_id,
+           json_extract_string(details, '$.engine') AS engine, dataset,
+           TRY_CAST(json_extract_string(details, '$.n') AS INTEGER) AS n, metric, value,
+           TRY_CAST(json_extract_string(details, '$.low') AS DOUBLE) AS low,
+           TRY_CAST(json_extract_string(details, '$.high') AS DOUBLE) AS high,
+           details, run_id, created_at
+    FROM evaluations WHERE kind = 'judge_quality'
+    """,
+    # `cai rm eval` rows: a reward model's agreement with people, with the interval.
+    """
+    CREATE OR REPLACE VIEW reward_model_quality AS
+    SELECT subject_id AS model_id, dataset, metric, value,
+           TRY_CAST(json_extract_string(details, '$.low') AS DOUBLE) AS low,
+           TRY_CAST(json_extract_string(details, '$.high') AS DOUBLE) AS high,
+           TRY_CAST(json_extract_string(details, '$.pairs') AS INTEGER) AS pairs,
+           TRY_CAST(json_extract_string(details, '$.interval_n') AS INTEGER) AS interval_n,
+           details, run_id, created_at
+    FROM evaluations WHERE kind = 'reward_model'
+    """,
 ]
 
 MIGRATIONS: list[tuple[int, list[str]]] = [

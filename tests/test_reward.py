@@ -306,7 +306,10 @@ def test_rm_eval_on_human_pairs(planted, tmp_path):
     assert result["accuracy_by_agreement"]["3/3"]["pairs"] == 20
     rows = store.query("SELECT metric, value, dataset FROM evaluations WHERE kind = 'reward_model' AND subject_id = ?",
                        [summary["model_id"]])
-    assert {r["metric"] for r in rows} == {"accuracy", "mean_margin", "accuracy_unanimous"}
+    assert {r["metric"] for r in rows} == {"accuracy", "mean_margin", "accuracy_unanimous", "length_baseline",
+                                           "accuracy_minus_length_baseline"}
+    low, high = result["accuracy_95ci"]
+    assert low < result["accuracy"] <= high <= 1 and 0 <= result["length_baseline"] <= 1
     assert all(r["dataset"] == "human.jsonl" for r in rows)
 
 

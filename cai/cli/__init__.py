@@ -10,6 +10,7 @@ from cai.cli import models  # noqa: F401
 from cai.cli import db  # noqa: F401
 from cai.cli import constitution  # noqa: F401
 from cai.cli import data  # noqa: F401
+from cai.cli import preferences  # noqa: F401
 from cai.cli import critique  # noqa: F401
 from cai.cli import judge  # noqa: F401
 from cai.cli import reward  # noqa: F401

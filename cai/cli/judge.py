@@ -123,8 +123,12 @@ def judge_eval(file: Annotated[Path, typer.Argument(help="JSONL of human-labelle
                batch_size: Annotated[int, typer.Option(help="Pairs per engine call.")] = 64,
                seed: int = 0,
                out_dir: Annotated[Path, typer.Option(help="Where the reliability plot and per-item JSONL go.")]
-               = Path("data/runs/judge-eval")) -> None:
-    """How well a judge agrees with people: agreement, position consistency, calibration, invalid rate."""
+               = Path("data/runs/judge-eval"),
+               by: Annotated[list[str] | None, typer.Option(
+                   help="Break agreement down by this field of the file (repeatable; default: the subset-like "
+                        "fields it has: subset, source, category, agreement, ...).")] = None) -> None:
+    """How well a judge agrees with people, with 95% intervals: agreement beside the longer-answer baseline,
+    per subset and per principle; position consistency, calibration, invalid rate."""
     from cai.judge_eval import load_labelled_pairs, run_judge_eval
     from cai.label import find_constitution, judge_engine, load_spec, principle_refs
     from cai.models import ModelNotFoundError
@@ -146,7 +150,7 @@ def judge_eval(file: Annotated[Path, typer.Argument(help="JSONL of human-labelle
         eng = judge_engine(s, path, kind, {"base_url": base_url} if base_url else {})
         report = run_judge_eval(store, file, s, eng, model_id=model_id, engine_kind=kind, principles=principles,
                                 constitution_hash=chash, limit=limit, batch_size=batch_size, seed=seed,
-                                out_dir=out_dir)
+                                out_dir=out_dir, by=by)
     except (SpecError, FileNotFoundError, ModelNotFoundError, LookupError, StoreLockedError) as e:
         fail(str(e))
     m = report.metrics
@@ -154,9 +158,12 @@ def judge_eval(file: Annotated[Path, typer.Argument(help="JSONL of human-labelle
                         f"{report.engine}, {Path(report.dataset).name}, {report.n} pairs", show_lines=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_column("95% interval", justify="right")
     table.add_column("meaning", style="dim")
     explain = [
         ("agreement", "final label prefers the human's choice (valid pairs; a 0.5 tie counts half)"),
+        ("length_baseline", "'pick the longer response' on the same valid pairs"),
+        ("agreement_minus_length_baseline", "agreement - length baseline, paired (interval: ± 1.96 se)"),
         ("agreement_first_ordering", "one ordering only (A shown first; A is the human's pick half the time)"),
         ("agreement_swapped_ordering", "one ordering only (A shown second)"),
         ("agreement_all_items", "invalid pairs counted as a coin flip"),
@@ -172,12 +179,22 @@ def judge_eval(file: Annotated[Path, typer.Argument(help="JSONL of human-labelle
     ]
     for key, meaning in explain:
         if key in m:
-            table.add_row(key, _fmt(m[key]), meaning)
+            iv = report.intervals.get(key)
+            table.add_row(key, _fmt(m[key]), f"[{iv['low']:.3f}, {iv['high']:.3f}]" if iv and iv["low"] is not None
+                          else "", meaning)
     console.print(table)
+    if report.accuracy and report.accuracy.groups:
+        print_rows([{"field": g.field, "value": g.value, "n": g.accuracy.n, "agreement": g.accuracy.fmt().split(" n=")[0],
+                     "longer answer": g.length_baseline.fmt().split(" n=")[0]} for g in report.accuracy.groups],
+                   title="per subset (95% Wilson intervals)")
     if report.invalid_reasons:
         console.print("invalid: " + ", ".join(f"{k} {v}" for k, v in sorted(report.invalid_reasons.items())))
     if report.per_principle:
-        print_rows([{k: _fmt(v) for k, v in r.items()} for r in report.per_principle], title="per principle")
+        print_rows([{"principle": r["principle"], "n": r["n"], "invalid": r["invalid"],
+                     "agreement": _fmt(r["agreement"]) + (f" [{r['agreement_low']:.3f}, {r['agreement_high']:.3f}]"
+                                                          if r["agreement_low"] is not None else ""),
+                     "longer answer": _fmt(r["length_baseline"]), "position_consistency": _fmt(r["position_consistency"])}
+                    for r in report.per_principle], title="per principle (95% Wilson intervals)")
     console.print(f"{report.pairs_per_second} pairs/s ({report.seconds:.1f}s in all); "
                   f"answer tokens {report.details['answer_tokens']}")
     console.print(f"reliability plot: {report.plot}\nper-item results: {report.items_file}\n"

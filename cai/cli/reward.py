@@ -42,6 +42,9 @@ def train_rm(db: DbOption = None,
              min_confidence: Annotated[float | None, typer.Option(help="Drop labels with max(p, 1-p) below this.")]
              = None,
              limit: Annotated[int | None, typer.Option(help="At most this many comparisons.")] = None,
+             sources: Annotated[str | None, typer.Option(
+                 help="Whose labels: ai (default: the AI judge's), human (people's, from `cai ingest-preferences`), "
+                      "human:NAME, or a weighted mix such as ai=1,human:hh_harmless_dev=0.5.")] = None,
              val_fraction: Annotated[float | None, typer.Option(help="Share of prompts for validation.")] = None,
              max_length: Annotated[int | None, typer.Option(help="Tokens per sequence (left-truncated).")] = None,
              hard_labels: Annotated[bool | None, typer.Option("--hard-labels/--soft-labels",
@@ -67,15 +70,15 @@ def train_rm(db: DbOption = None,
                                                             "the same command resumes.")] = None,
              sets: SetOption = None,
              config: ConfigFileOption = None) -> None:
-    """Train a reward model on the judge's soft labels (comparisons in the store); resumes if interrupted."""
+    """Train a reward model on the judge's soft labels (or people's: --sources human); resumes if interrupted."""
     from cai.models import ModelNotFoundError
     from cai.reward import RewardConfig, train_reward
 
     cfg = _train_config(RewardConfig, dict(
         base_model=base_model, model_id=model_id, output_dir=str(output_dir) if output_dir else None,
         judge_spec_hash=judge, constitution_hash=constitution, pair_kind=pair_kind, min_confidence=min_confidence,
-        limit=limit, val_fraction=val_fraction, max_length=max_length, hard_labels=hard_labels, margin=margin,
-        center_coef=center_coef, lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
+        limit=limit, sources=sources, val_fraction=val_fraction, max_length=max_length, hard_labels=hard_labels,
+        margin=margin, center_coef=center_coef, lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
         max_steps=max_steps, seed=seed, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
         mixed_precision=mixed_precision, device=device, eval_every=eval_every, save_every=save_every), sets, config)
     try:
@@ -134,13 +137,21 @@ def rm_eval(file: Annotated[Path, typer.Argument(help="JSONL of human-labelled p
             model: Annotated[str, typer.Option(help="Reward model: store model id or folder.")],
             db: DbOption = None,
             limit: Annotated[int | None, typer.Option(help="Only the first N pairs.")] = None,
-            batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 16) -> None:
-    """Accuracy of a reward model on human-labelled pairs (r(chosen) > r(rejected)); saved to `evaluations`."""
+            batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 16,
+            by: Annotated[list[str] | None, typer.Option(
+                help="Break accuracy down by this field of the file (repeatable; default: the subset-like "
+                     "fields it has: subset, source, category, agreement, ...).")] = None) -> None:
+    """Accuracy of a reward model on human-labelled pairs (r(chosen) > r(rejected)) with its 95% interval,
+    beside the longer-answer baseline and per subset; saved to `evaluations`. JSON on stdout, text on stderr."""
     from cai.models import ModelNotFoundError
     from cai.rm import PairsFileError, evaluate_human_pairs
 
     try:
-        summary = evaluate_human_pairs(_store(db), model, file, limit=limit, batch_size=batch_size)
+        summary = evaluate_human_pairs(_store(db), model, file, limit=limit, batch_size=batch_size, by=by)
     except (ModelNotFoundError, PairsFileError, FileNotFoundError, StoreLockedError) as e:
         fail(str(e))
     console.print_json(json.dumps(summary, default=str))
+    err.print(f"reward model {summary['model_id']} on {summary['dataset']} ({summary['pairs']} pairs):",
+              markup=False, highlight=False)
+    for line in summary["report"]:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
