@@ -145,3 +145,20 @@ def test_bad_rows_named_and_nothing_written(store: Store, shapes_dir: Path):
     assert store.scalar("SELECT count(*) FROM prompts") == 0
     with pytest.raises(PreferenceImportError, match="no such file"):
         import_preferences(store, [shapes_dir / "missing.jsonl"])
+
+
+def test_cli(tmp_path: Path, shapes_dir: Path):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    db = tmp_path / "cli.duckdb"
+    ok = CliRunner().invoke(app, ["ingest-preferences", str(shapes_dir / "hh.jsonl"), str(shapes_dir / "ours.jsonl"),
+                                  "--source", "mine", "--db", str(db)])
+    assert ok.exit_code == 0, ok.output
+    assert "3 pairs from 2 file(s) as human:mine" in ok.stdout and "3 new comparisons" in ok.stdout
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a"}])
+    result = CliRunner().invoke(app, ["ingest-preferences", str(bad), "--db", str(db)])
+    assert result.exit_code == 1 and f"{bad}:1: rejected: missing" in result.stderr
+    assert "nothing was written" in result.stderr
+    assert Store(db).scalar("SELECT count(*) FROM comparisons") == 3
