@@ -95,6 +95,15 @@ def test_every_shape_imported(store: Store, shapes_dir: Path):
     from cai.generate import select_prompts
 
     assert select_prompts(store) == []
+    # Nor does `cai evaluate` share its prompts among their (empty) category.
+    from cai.evaluate import EvaluateConfig, _selections
+    from cai.ingest import ingest_file
+
+    red = shapes_dir / "red.jsonl"
+    write_jsonl(red, [{"prompt": f"q{i}", "category": "red_team", "split": "test"} for i in range(3)])
+    ingest_file(store, red)
+    assert _selections(store, EvaluateConfig(limit=2)) == [("red_team", 2)]
+    assert len(select_prompts(store)) == 3
 
     # The same files again: nothing new.
     again = import_preferences(store, files)
