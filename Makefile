@@ -88,7 +88,7 @@ ppo-embedded: env model
 	CAI_DB=$(DEMO_DB) $(CAI) sql "select json_extract(summary, '$$.eval_reward_gain') as paired_gain, json_extract(summary, '$$.eval_reward_gain_se') as standard_error, json_extract(summary, '$$.plot') as plot from runs where stage = 'ppo' and status = 'ok' order by finished_at desc limit 1"
 
 bench: env model
-	for b in generate critique judge reward ppo pipeline; do $(PY) bench/$$b.py || exit 1; done
+	for b in generate critique judge reward ppo pipeline review; do $(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -56,8 +56,11 @@ def review_store(tmp_path_factory, brief_policy_dir) -> Store:
     inside = plot_training_curves(store, sft_run, store.path.parent / "plots" / "sft.png")
     outside = Path(tempfile.mkdtemp(prefix="cai-review-outside-")) / "secret.png"
     shutil.copy(inside, outside)
+    link = store.path.parent / "plots" / "link.png"  # inside by name, outside in fact
+    link.symlink_to(outside)
     run_id = store.start_run("evaluate", {"what": "plots for the review page"})
-    store.finish_run(run_id, "ok", {"plots": [str(inside), str(outside)], "report": "x.md"})
+    store.finish_run(run_id, "ok", {"plots": [str(inside), str(outside), str(link), "/etc/passwd"],
+                                    "report": "x.md"})
     # A pair whose texts carry markup, as a model could write them.
     with store.write() as con:
         con.execute("""
@@ -164,17 +167,20 @@ def test_verdicts_are_comparisons_rows_and_a_changed_mind_replaces_the_row(clien
     assert params["judge_spec_hash"] == pair["judge_spec_hash"] and params["time"]
     assert json.loads(row["raw_output"])["verdict"] == "tie"
     assert review_store.scalar("SELECT stage FROM runs WHERE run_id = ?", [row["run_id"]]) == "review"
-    # A tie is in no preference; a side is, like any label.
-    assert review_store.scalar("SELECT count(*) FROM preferences WHERE judge_name = 'human:carol'") == 0
+    # Read like imported people's labels: a tie is in no preference, a side is.
+    view = "human_preferences" if review_store.scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'human_preferences'") else "preferences"
+    assert review_store.scalar(f"SELECT count(*) FROM {view} WHERE judge_name = 'human:carol'") == 0
     client.post("/api/verdicts", json={"comparison_id": cid, "verdict": "b", "reviewer": "carol"})
-    assert review_store.scalar("SELECT count(*) FROM preferences WHERE judge_name = 'human:carol' "
+    assert review_store.scalar(f"SELECT count(*) FROM {view} WHERE judge_name = 'human:carol' "
                                "AND chosen_id = ?", [pair["response_b_id"]]) == 1
+    assert len(mine()) == 1
     detail = client.get(f"/api/pairs/{cid}").json()
     assert [(v["reviewer"], v["p_a"]) for v in detail["human_verdicts"]] == [("human:carol", 0.0)]
 
     r = client.post("/api/verdicts", json={"comparison_id": cid, "verdict": "clear", "reviewer": "carol"}).json()
     assert r["withdrawn"] == 1 and mine() == []
-    bad = client.post("/api/verdicts", json={"comparison_id": cid, "verdict": "a", "reviewer": "<b>x</b>"})
+    bad = client.post("/api/verdicts", json={"comparison_id": cid, "verdict": "a", "reviewer": "bob smith"})
     assert bad.status_code == 422 and "reviewer name" in bad.json()["detail"]
     assert client.post("/api/verdicts", json={"comparison_id": "nope", "verdict": "a"}).status_code == 404
 
@@ -182,10 +188,11 @@ def test_verdicts_are_comparisons_rows_and_a_changed_mind_replaces_the_row(clien
 def test_plots_are_served_only_from_the_data_and_model_folders(client, review_store):
     run_id = review_store.scalar("SELECT run_id FROM runs WHERE params LIKE '%plots for the review page%'")
     run = client.get(f"/api/runs/{run_id}").json()
-    assert [p["available"] for p in run["plots"]] == [True, False]
+    assert [p["available"] for p in run["plots"]] == [True, False, False]  # /etc/passwd is no PNG: not listed
     png = client.get(f"/api/runs/{run_id}/plots/0")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
-    assert client.get(f"/api/runs/{run_id}/plots/1").status_code == 404
+    for i in (1, 2, 3, -1):
+        assert client.get(f"/api/runs/{run_id}/plots/{i}").status_code == 404
     stages = {r["stage"] for r in client.get("/api/runs", params={"limit": 200}).json()["rows"]}
     assert {"ingest", "generate", "critique", "sft", "label"} <= stages
 

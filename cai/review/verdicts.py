@@ -28,8 +28,9 @@ from cai.store import content_hash
 Verdict = Literal["a", "b", "tie", "skip"]
 VERDICT_P: dict[str, float] = {"a": 1.0, "b": 0.0, "tie": 0.5}
 HUMAN_PREFIX = "human:"
-# Printable names without control characters or markup; the name becomes part of judge_name.
-_REVIEWER = re.compile(r"^[\w][\w .@'-]{0,63}$", re.UNICODE)
+# The same names as imported sources of people's labels (``human:<source>``): they are typed on
+# command lines (``train-rm --sources human:alice``), so no spaces, commas or '='.
+_REVIEWER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
 class VerdictError(ValueError):
@@ -41,8 +42,8 @@ def check_reviewer(name: str | None) -> str:
     if name.startswith(HUMAN_PREFIX):
         name = name[len(HUMAN_PREFIX):]
     if not _REVIEWER.match(name):
-        raise VerdictError(f"reviewer name {name!r} is not allowed: use 1-64 letters, digits, spaces or . @ ' - _ "
-                           "(e.g. --reviewer alice)")
+        raise VerdictError(f"reviewer name {name!r} is not allowed: use 1-64 letters, digits, '.', '-' or '_', "
+                           "starting with a letter or digit (e.g. --reviewer alice)")
     return name
 
 

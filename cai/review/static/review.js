@@ -287,7 +287,7 @@ async function loadChains(offset = 0) {
   Object.assign(state.chains, page, { sel: -1 });
   const body = $("#revision-list tbody");
   body.replaceChildren();
-  page.rows.forEach((r, i) => body.append(h("tr", { onclick: () => { state.chains.sel = i; markSelected("#revision-list", i); openChain(r.revision_id, false); } },
+  page.rows.forEach((r, i) => body.append(h("tr", { onclick: () => { state.chains.sel = i; markSelected("#revision-list", i); openChain(r.revision_id, false).catch(fail); } },
     h("td", { class: "num" }, `${r.ok_rounds}/${r.rounds}`), h("td", { class: r.last_status === "ok" ? "" : "bad" }, r.last_status),
     h("td", { class: "prompt" }, h("div", { class: "clip" }, r.prompt || "")))));
   pager($("#revision-pager"), state.chains, loadChains);
@@ -305,9 +305,11 @@ function diffBlock(pieces) {
 
 async function openChain(revisionId, switchTab = true) {
   if (switchTab) showTab("revisions");
-  const c = await api(`/api/revisions/${encodeURIComponent(revisionId)}`);
+  state.chains.want = revisionId;
   const detail = $("#revision-detail");
   detail.dataset.loaded = "1";
+  const c = await api(`/api/revisions/${encodeURIComponent(revisionId)}`);
+  if (state.chains.want !== revisionId) return; // a later click won
   fill(detail,
     h("dl", { class: "meta" },
       h("dt", {}, "generation"), h("dd", {}, `${c.generation_id} · model ${c.generation_model_id || "—"}`),
@@ -333,9 +335,19 @@ async function loadRuns(offset = 0) {
   Object.assign(state.runs, page, { sel: -1 });
   const body = $("#run-list tbody");
   body.replaceChildren();
-  page.rows.forEach((r, i) => body.append(h("tr", { onclick: () => { markSelected("#run-list", i); openRun(r.run_id); } },
-    h("td", {}, r.stage), h("td", { class: r.status === "ok" ? "" : "bad" }, r.status), h("td", { class: "small" }, fmtTime(r.started_at)))));
+  page.rows.forEach((r, i) => body.append(h("tr", { onclick: () => { markSelected("#run-list", i); openRun(r.run_id).catch(fail); } },
+    h("td", {}, r.stage), h("td", { class: statusClass(r.status) }, r.status), h("td", { class: "small" }, fmtTime(r.started_at)),
+    h("td", { class: "num small" }, duration(r.started_at, r.finished_at)))));
   pager($("#run-pager"), state.runs, loadRuns);
+  if (page.rows.length && !$("#run-detail").dataset.loaded) { markSelected("#run-list", 0); await openRun(page.rows[0].run_id); }
+}
+
+function statusClass(status) { return status === "ok" ? "" : status === "running" ? "muted" : "bad"; }
+
+function duration(start, end) {
+  if (!start || !end) return "";
+  const s = (Date.parse(end) - Date.parse(start)) / 1000;
+  return Number.isFinite(s) ? (s < 120 ? `${s.toFixed(1)} s` : `${(s / 60).toFixed(1)} min`) : "";
 }
 
 function kvTable(obj) {
@@ -345,7 +357,10 @@ function kvTable(obj) {
 }
 
 async function openRun(runId) {
+  state.runs.want = runId;
+  $("#run-detail").dataset.loaded = "1";
   const r = await api(`/api/runs/${encodeURIComponent(runId)}`);
+  if (state.runs.want !== runId) return; // a later click won
   fill($("#run-detail"),
     h("h2", {}, `${r.stage} · `, h("span", { class: `badge ${r.status === "ok" ? "good" : "bad"}` }, r.status)),
     h("dl", { class: "meta" }, h("dt", {}, "run"), h("dd", {}, r.run_id), h("dt", {}, "started"), h("dd", {}, fmtTime(r.started_at)),
