@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -347,9 +348,23 @@ def test_review_in_a_browser_filters_and_records_keyboard_verdicts(review_store,
         browser.find_element(By.NAME, "people_disagree").click()
         _wait(browser, f"return state.pairs.total === {expect} && state.pairs.rows.every(r => r.people_disagree)")
 
-        # The server holds no lock between requests: another process can write the store right now.
+        # The server holds no lock between requests: another process can write the store right now,
+        # and while a writer holds it the server waits for it rather than failing.
         with review_store.write(timeout=5) as con:
             con.execute("SELECT 1")
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import sys, time; from cai.store import Store\n"
+            f"with Store({str(review_store.path)!r}).write() as con:\n"
+            "    print('locked', flush=True); time.sleep(2)")], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert holder.stdout.readline().strip() == "locked"
+        import httpx
+
+        t0 = time.monotonic()
+        r = httpx.get(server.url + "api/pairs", params={"limit": 1}, timeout=30)
+        assert r.status_code == 200 and r.json()["total"] > 0
+        waited = time.monotonic() - t0
+        assert holder.wait(timeout=30) == 0
+        print(f"read while a writer held the store: answered after {waited:.1f}s")
 
         # Revisions: a critique chain as a diff between rounds, each with its principle.
         browser.find_element(By.CSS_SELECTOR, "button[data-tab=revisions]").click()

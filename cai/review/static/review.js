@@ -268,7 +268,9 @@ async function nextPair() {
   const p = state.pairs;
   if (p.sel < p.rows.length - 1) return selectPair(p.sel + 1);
   if (p.offset + PAGE < p.total) return loadPairs(p.offset + PAGE, 0);
-  message("last pair of this filter");
+  const m = $("#message");
+  const last = "that was the last pair of these filters";
+  if (!m.textContent.includes(last)) message(`${m.textContent ? m.textContent + " · " : ""}${last}`, m.className || "info");
 }
 
 async function prevPair() {
