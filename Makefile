@@ -61,8 +61,8 @@ browser:
 test: env model browser
 	CAI_REQUIRE_BROWSER=1 $(VENV)/bin/pytest -q
 
-test-fast: env
-	$(VENV)/bin/pytest -q -m "not slow and not vllm"
+test-fast: env browser
+	CAI_REQUIRE_BROWSER=1 $(VENV)/bin/pytest -q -m "not slow and not vllm"
 
 lint: env
 	$(VENV)/bin/ruff check cai flows tests bench

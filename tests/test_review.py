@@ -176,6 +176,12 @@ def test_verdicts_are_comparisons_rows_and_a_changed_mind_replaces_the_row(clien
     assert review_store.scalar(f"SELECT count(*) FROM {view} WHERE judge_name = 'human:carol' "
                                "AND chosen_id = ?", [pair["response_b_id"]]) == 1
     assert len(mine()) == 1
+    # The judge's agreement with people: one decided pair here, agreeing when the judge picked B too.
+    judges = client.get("/api/agreement").json()["judges"]
+    if pair["p_a"] != 0.5:
+        (j,) = judges
+        assert (j["judge_name"], j["n"], j["agree"]) == (pair["judge_name"], 1, int(pair["p_a"] < 0.5))
+        assert 0 <= j["low"] <= j["rate"] <= j["high"] <= 1
     detail = client.get(f"/api/pairs/{cid}").json()
     assert [(v["reviewer"], v["p_a"]) for v in detail["human_verdicts"]] == [("human:carol", 0.0)]
 
@@ -184,6 +190,14 @@ def test_verdicts_are_comparisons_rows_and_a_changed_mind_replaces_the_row(clien
     bad = client.post("/api/verdicts", json={"comparison_id": cid, "verdict": "a", "reviewer": "bob smith"})
     assert bad.status_code == 422 and "reviewer name" in bad.json()["detail"]
     assert client.post("/api/verdicts", json={"comparison_id": "nope", "verdict": "a"}).status_code == 404
+
+
+def test_wilson_interval_matches_known_values():
+    from cai.review.queries import wilson
+
+    assert wilson(1, 2) == pytest.approx((0.0945, 0.9055), abs=1e-4)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
 
 
 def test_plots_are_served_only_from_the_data_and_model_folders(client, review_store):
@@ -339,6 +353,10 @@ def test_review_in_a_browser_filters_and_records_keyboard_verdicts(review_store,
                 ai["prompt_id"], ai["response_a_id"], ai["response_b_id"])
             assert json.loads(row["params"])["reviewed_comparison_id"] == cid
 
+        decided = review_store.scalar(f"SELECT count(*) FROM comparisons WHERE comparison_id IN {tuple(ids[:2])} "
+                                      "AND p_a <> 0.5")
+        _wait(browser, f"return document.querySelector('#agreement').textContent.includes('of {decided} reviewed')"
+              if decided else "return true")
         # "judge and people disagree": exactly the pairs whose final label picks the other side.
         expect = review_store.scalar("""
             SELECT count(*) FROM comparisons c JOIN comparisons h ON h.method = 'human'

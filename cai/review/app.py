@@ -147,6 +147,11 @@ def create_app(store: Store, *, read_only: bool = False, reviewer: str = "review
             raise HTTPException(404, f"no comparison {comparison_id!r} in {store.path}")
         return found
 
+    @app.get("/api/agreement")
+    def agreement() -> dict[str, Any]:
+        with state.read() as con:
+            return {"judges": queries.agreement(con)}
+
     # ---- verdicts --------------------------------------------------------------------------
     @app.post("/api/verdicts")
     def verdict(body: VerdictIn) -> dict[str, Any]:

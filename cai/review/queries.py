@@ -11,6 +11,7 @@ P(lower id is better) so it can be compared with any AI pair over the same two r
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -185,6 +186,34 @@ def reviewed_pair(con: duckdb.DuckDBPyConnection, comparison_id: str) -> dict[st
                principle_ids, constitution_hash, judge_name, judge_spec_hash, judge_model_id, method
         FROM comparisons WHERE comparison_id = ?""", [comparison_id])
     return rows[0] if rows else None
+
+
+def agreement(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """How often each AI judge's final label picks the same response as the people who reviewed the
+    same two responses (both sides decided: ties of either are left out), with a Wilson 95 % interval.
+    One count per (AI label, person's verdict)."""
+    rows = _rows(con, f"""
+        WITH ai AS ({_AI}), hv AS ({_HUMAN})
+        SELECT ai.judge_name, ai.judge_spec_hash, count(*) AS n,
+               count(*) FILTER (WHERE ((CASE WHEN ai.a_is_lo THEN hv.p_lo ELSE 1 - hv.p_lo END) > 0.5)
+                                      = (ai.p_a > 0.5)) AS agree,
+               count(DISTINCT hv.reviewer) AS reviewers
+        FROM ai JOIN hv ON hv.prompt_id = ai.prompt_id AND hv.lo = ai.lo AND hv.hi = ai.hi
+        WHERE ai.status = 'ok' AND ai.p_a IS NOT NULL AND ai.p_a <> 0.5 AND hv.p_lo <> 0.5
+        GROUP BY ALL ORDER BY n DESC, judge_name""")
+    for r in rows:
+        r["rate"] = r["agree"] / r["n"]
+        r["low"], r["high"] = wilson(r["agree"], r["n"])
+    return rows
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (95 % by default); good at small n and near 0 or 1."""
+    p = k / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # ---- critique chains ------------------------------------------------------------------------

@@ -248,6 +248,7 @@ async function onVerdictKey(k) {
     if (verdict === "clear") {
       row.my_p = null;
       message(res.withdrawn ? "verdict withdrawn" : "you had no verdict on this pair");
+      loadAgreement().catch(fail);
       renderPairList();
       await selectPair(state.pairs.sel);
       return;
@@ -256,12 +257,22 @@ async function onVerdictKey(k) {
     row.n_human = (row.n_human || 0) + 1;
     message(`saved: ${verdict === "tie" ? "tie" : verdict.toUpperCase() + " is better"} as ${res.judge_name}`, "ok");
     renderPairList();
+    loadAgreement().catch(fail);
     await nextPair();
   } catch (e) {
     message(`not saved: ${e.message}`, "error");
   } finally {
     state.busy = false;
   }
+}
+
+async function loadAgreement() {
+  const res = await api("/api/agreement");
+  const pct = (x) => `${Math.round(x * 100)}%`;
+  fill($("#agreement"), res.judges.length ? ["judge vs people: ", res.judges.map((j, i) => [i ? " · " : "",
+    h("b", {}, j.judge_name), ` (spec ${short(j.judge_spec_hash, 8)}) picks the same response on ${j.agree} of ${j.n} `,
+    `reviewed pairs = ${pct(j.rate)} (95% CI ${pct(j.low)}–${pct(j.high)}), ${j.reviewers} reviewer${j.reviewers === 1 ? "" : "s"}`])]
+    : "judge vs people: no pair with both a judge's label and a person's verdict yet (ties left out)");
 }
 
 async function nextPair() {
@@ -433,7 +444,7 @@ async function start() {
   });
   $("#revision-filters").addEventListener("change", () => { delete $("#revision-detail").dataset.loaded; loadChains(0).catch(fail); });
   for (const b of document.querySelectorAll("#tabs .tab")) b.addEventListener("click", () => showTab(b.dataset.tab));
-  await loadPairs(0);
+  await Promise.all([loadPairs(0), loadAgreement()]);
   document.body.dataset.ready = "1";
 }
 
