@@ -82,15 +82,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed(fn, repeats: int) -> tuple[float, int]:
-    """Median seconds of ``fn()`` and the bytes it returned."""
+def timed(fn, repeats: int) -> tuple[list[float], int]:
+    """Seconds of each of ``repeats`` calls of ``fn()`` (after one warm-up) and the bytes it returned."""
     fn()  # warm-up (imports, DuckDB's first open)
     times, size = [], 0
     for _ in range(repeats):
         t0 = time.perf_counter()
         size = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), size
+    return times, size
 
 
 def main() -> None:
@@ -131,7 +131,8 @@ def main() -> None:
 
         def page_open() -> int:
             return (get("/") + get("/static/review.js") + get("/static/review.css") + get("/api/info")
-                    + get("/api/pairs", offset=0, limit=50, reviewer="bench") + get(f"/api/pairs/{first_id}"))
+                    + get("/api/agreement") + get("/api/pairs", offset=0, limit=50, reviewer="bench")
+                    + get(f"/api/pairs/{first_id}"))
 
         def naive() -> int:
             # What a page without server-side paging would need: every pair with its texts, as JSON.
@@ -151,18 +152,22 @@ def main() -> None:
             ("BASELINE: every pair with texts as JSON (no paging)", naive),
         ]
         results = {}
+        print(f"{'median':>9}  {'(min-max)':>13}  {'size':>9}")
         for name, fn in cases:
-            sec, size = timed(fn, args.repeats)
-            results[name] = {"seconds": sec, "bytes": size}
-            print(f"{sec * 1000:9.1f} ms  {size / 1e3:9.1f} kB  {name}", flush=True)
+            times, size = timed(fn, args.repeats)
+            sec = statistics.median(times)
+            results[name] = {"seconds": sec, "min": min(times), "max": max(times), "bytes": size}
+            print(f"{sec * 1000:6.1f} ms  ({min(times) * 1000:5.1f}-{max(times) * 1000:5.1f})  {size / 1e3:6.1f} kB  {name}",
+                  flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=15)
-    base_s = results[cases[-1][0]]["seconds"]
-    open_s = results[cases[0][0]]["seconds"]
-    first_s, deep_s = results[cases[1][0]]["seconds"], results[cases[2][0]]["seconds"]
-    print(f"\nbaseline / page open = {base_s / open_s:.1f}x faster with server-side paging; "
-          f"deep page / first page = {deep_s / first_s:.2f} (median of {args.repeats} after a warm-up)")
+    base, page = results[cases[-1][0]], results[cases[0][0]]
+    first, deep = results[cases[1][0]], results[cases[2][0]]
+    print(f"\nbaseline / page open = {base['seconds'] / page['seconds']:.1f}x (worst case of the repeats: "
+          f"{base['min'] / page['max']:.1f}x) faster with server-side paging, {base['bytes'] / page['bytes']:.0f}x "
+          f"fewer bytes; deep page / first page = {deep['seconds'] / first['seconds']:.2f} "
+          f"(medians of {args.repeats} after a warm-up)")
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "review.json").write_text(json.dumps({"pairs": n, "repeats": args.repeats, "results": results}, indent=1))
