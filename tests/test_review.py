@@ -226,6 +226,15 @@ def test_read_only_server_refuses_writes(review_store):
     assert review_store.scalar("SELECT count(*) FROM comparisons") == before
 
 
+def test_cai_review_says_what_is_wrong_before_serving(tmp_path, review_store):
+    missing = subprocess.run([BIN / "cai", "review", "--db", str(tmp_path / "none.duckdb"), "--port", "1"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no store at" in missing.stderr and not (tmp_path / "none.duckdb").exists()
+    bad = subprocess.run([BIN / "cai", "review", "--db", str(review_store.path), "--reviewer", "a b"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "reviewer name 'a b' is not allowed" in bad.stderr
+
+
 # ---- the real server and a real browser ---------------------------------------------------------
 def _need_browser() -> None:
     required = os.environ.get("CI") == "true" or os.environ.get("CAI_REQUIRE_BROWSER") == "1"

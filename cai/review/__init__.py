@@ -2,5 +2,6 @@
 
 Modules: ``queries`` (the SQL behind every view, paged server-side), ``verdicts`` (a person's verdict
 as a ``comparisons`` row), ``diffs`` (word diffs between critique rounds), ``files`` (which plot
-files may be served), ``app`` (the FastAPI app), ``static/`` (the page: plain HTML/JS/CSS, no build).
+files may be served), ``app`` (the FastAPI app), ``server`` (uvicorn on 127.0.0.1, store checks),
+``static/`` (the page: plain HTML/JS/CSS, no build step, nothing fetched from elsewhere).
 """

@@ -47,9 +47,11 @@ def serve(db: str | Path, *, port: int = 8765, read_only: bool = False, reviewer
     import uvicorn
 
     from cai.review.app import create_app
+    from cai.review.verdicts import check_reviewer
 
+    who = check_reviewer(reviewer or default_reviewer())  # before the store is touched
     store = open_store(db, read_only=read_only)
-    app = create_app(store, read_only=read_only, reviewer=reviewer or default_reviewer())
+    app = create_app(store, read_only=read_only, reviewer=who)
     config = uvicorn.Config(app, host=HOST, port=port, log_level="warning", access_log=False,
                             lifespan="on", timeout_graceful_shutdown=5)
     line = (f"cai review: http://{HOST}:{port}/  (store {store.path}{', read-only' if read_only else ''}; "
