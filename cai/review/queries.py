@@ -72,10 +72,27 @@ def _json(value: Any) -> Any:
     return value
 
 
+def _h_sql(src: str) -> str:
+    """People's verdicts per AI pair of ``src`` (rows of ``_AI``): how many, whether one of them picked
+    the other side than the judge's final label (ties on either side don't count), and the current
+    reviewer's label oriented to the pair's A (one ``?``: the reviewer's judge_name)."""
+    return f"""
+        SELECT s.comparison_id, count(*) AS n_human,
+               bool_or(hv.p_lo <> 0.5 AND s.p_a IS NOT NULL AND s.p_a <> 0.5
+                       AND ((CASE WHEN s.a_is_lo THEN hv.p_lo ELSE 1 - hv.p_lo END) > 0.5) <> (s.p_a > 0.5))
+                   AS people_disagree,
+               any_value(CASE WHEN s.a_is_lo THEN hv.p_lo ELSE 1 - hv.p_lo END) FILTER (WHERE hv.reviewer = ?)
+                   AS my_p
+        FROM {src} s JOIN hv ON hv.prompt_id = s.prompt_id AND hv.lo = s.lo AND hv.hi = s.hi
+        GROUP BY s.comparison_id"""
+
+
 def _pairs_sql(f: PairFilter, reviewer: str | None) -> tuple[str, list[Any]]:
-    """The filtered pairs (one row per AI comparison) with their human-verdict columns."""
+    """The AI pairs the filter keeps (one row per comparison, no texts but the prompt's start). People's
+    verdicts are joined over all pairs only when a filter needs them; pages join them for their rows."""
+    needs_h = f.people_disagree or f.reviewed != "any"
     where: list[str] = []
-    params: list[Any] = [reviewer or ""]
+    params: list[Any] = [reviewer or ""] if needs_h else []
     if f.principle:
         where.append("list_contains(ai.principle_ids, ?)")
         params.append(f.principle)
@@ -103,23 +120,9 @@ def _pairs_sql(f: PairFilter, reviewer: str | None) -> tuple[str, list[Any]]:
     elif f.reviewed == "no":
         where.append("h.my_p IS NULL")
     sql = f"""
-        WITH ai AS ({_AI}), hv AS ({_HUMAN}),
-        h AS (
-            SELECT ai.comparison_id, count(*) AS n_human,
-                   -- a person's side differs from the judge's final label (ties on either side don't count)
-                   bool_or(hv.p_lo <> 0.5 AND ai.p_a IS NOT NULL AND ai.p_a <> 0.5
-                           AND ((CASE WHEN ai.a_is_lo THEN hv.p_lo ELSE 1 - hv.p_lo END) > 0.5) <> (ai.p_a > 0.5))
-                       AS people_disagree,
-                   any_value(CASE WHEN ai.a_is_lo THEN hv.p_lo ELSE 1 - hv.p_lo END) FILTER (WHERE hv.reviewer = ?)
-                       AS my_p
-            FROM ai JOIN hv ON hv.prompt_id = ai.prompt_id AND hv.lo = ai.lo AND hv.hi = ai.hi
-            GROUP BY ai.comparison_id
-        )
-        SELECT ai.comparison_id, ai.prompt_id, left(p.prompt_text, 160) AS prompt, ai.pair_kind, ai.principle_ids,
-               ai.judge_name, ai.method, ai.p_a_first, ai.p_a_swapped, ai.p_a, ai.position_consistent,
-               ai.confidence, ai.status, ai.created_at, coalesce(h.n_human, 0) AS n_human,
-               coalesce(h.people_disagree, false) AS people_disagree, h.my_p
-        FROM ai LEFT JOIN prompts p USING (prompt_id) LEFT JOIN h USING (comparison_id)
+        WITH ai AS ({_AI}), hv AS ({_HUMAN}){f", h AS ({_h_sql('ai')})" if needs_h else ""}
+        SELECT ai.*, left(p.prompt_text, 160) AS prompt
+        FROM ai LEFT JOIN prompts p USING (prompt_id){" LEFT JOIN h USING (comparison_id)" if needs_h else ""}
         {"WHERE " + " AND ".join(where) if where else ""}
     """
     return sql, params
@@ -139,7 +142,15 @@ def list_pairs(con: duckdb.DuckDBPyConnection, f: PairFilter, *, offset: int = 0
     offset = max(0, offset)
     sql, params = _pairs_sql(f, reviewer)
     total = con.execute(f"SELECT count(*) FROM ({sql})", params).fetchall()[0][0]
-    rows = _rows(con, f"SELECT * FROM ({sql}) ORDER BY {_ORDER[f.sort]} LIMIT ? OFFSET ?", [*params, limit, offset])
+    rows = _rows(con, f"""
+        WITH page AS (SELECT * FROM ({sql}) ORDER BY {_ORDER[f.sort]} LIMIT ? OFFSET ?),
+             hv AS ({_HUMAN}), hp AS ({_h_sql('page')})
+        SELECT page.comparison_id, page.prompt_id, page.prompt, page.pair_kind, page.principle_ids, page.judge_name,
+               page.method, page.p_a_first, page.p_a_swapped, page.p_a, page.position_consistent, page.confidence,
+               page.status, page.created_at, coalesce(hp.n_human, 0) AS n_human,
+               coalesce(hp.people_disagree, false) AS people_disagree, hp.my_p
+        FROM page LEFT JOIN hp USING (comparison_id)
+        ORDER BY {_ORDER[f.sort]}""", [*params, limit, offset, reviewer or ""])
     return {"total": total, "offset": offset, "limit": limit, "rows": rows}
 
 
