@@ -21,13 +21,14 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help env model test test-fast lint demo ppo-embedded bench clean
+.PHONY: help env model browser test test-fast lint demo ppo-embedded bench clean
 
 help:
 	@echo "make demo      set up .venv, fetch the embedded model, run the demo pipeline"
 	@echo "make test      run the whole test suite (sets up .venv first if needed)"
 	@echo "make test-fast unit tests only (no real model, no vLLM)"
 	@echo "make lint      ruff"
+	@echo "make browser   Chromium and its driver from Debian's packages (for the review page's browser tests)"
 	@echo "make ppo-embedded  after make demo: 24 PPO steps on the demo's SFT policy and reward model (~20 min)"
 	@echo "make bench     throughput benchmarks (bench/)"
 
@@ -49,11 +50,19 @@ env: $(STAMP)
 model: env
 	$(CAI) models pull $(MODEL)
 
-test: env model
-	$(VENV)/bin/pytest -q
+# Debian's chromium + chromium-driver for tests/test_review.py (a real headless browser on `cai review`);
+# installed only when missing. Under `make test` the browser tests fail, not skip, without them.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null)"; else \
+		command -v apt-get >/dev/null || { echo "need /usr/bin/chromium and /usr/bin/chromedriver (Debian: apt-get install chromium chromium-driver)"; exit 1; }; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; fi
 
-test-fast: env
-	$(VENV)/bin/pytest -q -m "not slow and not vllm"
+test: env model browser
+	CAI_REQUIRE_BROWSER=1 $(VENV)/bin/pytest -q
+
+test-fast: env browser
+	CAI_REQUIRE_BROWSER=1 $(VENV)/bin/pytest -q -m "not slow and not vllm"
 
 lint: env
 	$(VENV)/bin/ruff check cai flows tests bench
@@ -79,7 +88,7 @@ ppo-embedded: env model
 	CAI_DB=$(DEMO_DB) $(CAI) sql "select json_extract(summary, '$$.eval_reward_gain') as paired_gain, json_extract(summary, '$$.eval_reward_gain_se') as standard_error, json_extract(summary, '$$.plot') as plot from runs where stage = 'ppo' and status = 'ok' order by finished_at desc limit 1"
 
 bench: env model
-	for b in generate critique judge reward ppo pipeline; do $(PY) bench/$$b.py || exit 1; done
+	for b in generate critique judge reward ppo pipeline review; do $(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
