@@ -123,7 +123,7 @@ def test_served_deployment_runs_on_schedule(tmp_path, tiny_policy_dir):
         store = Store(tmp_path / "cai.duckdb")
         deadline = time.time() + 240
         while time.time() < deadline:
-            if store.path.exists() and store.scalar("select count(*) from runs where stage = 'ingest'"):
+            if store.path.exists() and store.scalar("select count(*) from runs where stage = 'ingest' and status = 'ok'"):
                 break
             assert served.poll() is None, served.stdout.read()
             time.sleep(2)
