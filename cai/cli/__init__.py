@@ -16,6 +16,7 @@ from cai.cli import reward  # noqa: F401
 from cai.cli import flows  # noqa: F401
 from cai.cli import rl  # noqa: F401
 from cai.cli import evaluate  # noqa: F401
+from cai.cli import refusals  # noqa: F401
 # isort: on
 
 from cai.cli.common import app, main

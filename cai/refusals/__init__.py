@@ -3,7 +3,7 @@
 Every classifier maps (request, reply) rows to P(refusal) in [0, 1] and decides at 0.5:
 
 * ``rules``: the phrase rules of :mod:`cai.refusals.rules` (no model; microseconds a reply);
-* ``phrases``: the earlier phrase list (``cai.evaluate`` before this module), kept as a yardstick;
+* ``phrases``: the earlier phrase list (``cai.refusal.is_refusal_phrases``), kept as a yardstick;
 * ``judge``: the embedded chat model asked whether the reply refuses, read from P(Yes)/P(No)
   (:mod:`cai.refusals.judge`; about 2 s a reply on a 2-core CPU);
 * ``combined``: the mean of the ``rules`` score and the ``judge`` probability, so the judge only
@@ -48,7 +48,7 @@ class PhrasesClassifier:
     name: str = "phrases"
 
     def scores(self, prompts: Sequence[str], replies: Sequence[str]) -> list[float]:
-        from cai.refusals.phrases import is_refusal_phrases
+        from cai.refusal import is_refusal_phrases
 
         return [1.0 if is_refusal_phrases(r) else 0.0 for r in replies]
 
@@ -99,9 +99,9 @@ MODEL_BASED = frozenset({"judge", "combined"})
 # What `cai refusals eval ../shared/data/xstest_completions_dev.jsonl` measured (95 % intervals:
 # Wilson for precision/recall, bootstrap for F1). Model-based ones on a seeded sample (--limit).
 MEASURED: dict[str, dict[str, Any]] = {
-    "rules": {"f1": 0.944, "f1_low": 0.931, "f1_high": 0.955, "precision": 0.954, "recall": 0.933, "n": 1350,
+    "rules": {"f1": 0.944, "f1_low": 0.930, "f1_high": 0.956, "precision": 0.954, "recall": 0.933, "n": 1350,
               "file": "xstest_completions_dev.jsonl"},
-    "phrases": {"f1": 0.870, "f1_low": 0.851, "f1_high": 0.888, "precision": 0.954, "recall": 0.800, "n": 1350,
+    "phrases": {"f1": 0.870, "f1_low": 0.849, "f1_high": 0.891, "precision": 0.954, "recall": 0.800, "n": 1350,
                 "file": "xstest_completions_dev.jsonl"},
 }
 DEFAULT = "rules"
