@@ -110,7 +110,16 @@ def _win_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     firsts = [float(r["p_a_first"]) for r in ok if r["p_a_first"] is not None and r["reason"] != "identical"]
     swapped = [float(r["p_a_swapped"]) for r in ok if r["p_a_swapped"] is not None and r["reason"] != "identical"]
     consistent = [bool(r["position_consistent"]) for r in ok if r["position_consistent"] is not None]
-    return {"win_rate": _mean(ps), "stderr": _stderr(ps), "n": len(ps),
+    from cai.stats import mean_interval, wilson
+
+    # 95 % intervals: the win rate is a mean of soft labels (mean ± 1.96 standard errors, clipped to
+    # [0, 1]); position consistency is a proportion of pairs (Wilson).
+    win = mean_interval(ps)
+    pc = wilson(sum(consistent), len(consistent))
+    ci = {"ci_low": None if not ps else max(0.0, win.low), "ci_high": None if not ps else min(1.0, win.high),
+          "position_consistency_ci": None if not consistent else [pc.low, pc.high],
+          "position_consistency_n": len(consistent)}
+    return {"win_rate": _mean(ps), "stderr": _stderr(ps), "n": len(ps), **ci,
             "wins": sum(p > 0.5 for p in ps), "losses": sum(p < 0.5 for p in ps), "ties": sum(p == 0.5 for p in ps),
             "identical": sum(r["reason"] == "identical" for r in ok), "invalid": len(rows) - len(ok),
             "win_rate_policy_first": _mean(firsts), "win_rate_policy_second": _mean(swapped),

@@ -140,6 +140,15 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _ci(value: Any, low: Any, high: Any) -> str:
+    """``0.500 [0.412, 0.588]``; the bare value when there is no interval."""
+    if value is None:
+        return "–"
+    if low is None or high is None:
+        return _fmt(value)
+    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
+
+
 def _report(summary: dict[str, Any], cfg: EvaluateConfig, facts: dict[str, Any], overall: dict[str, Any],
             tag_stats: dict[str, dict], cat_stats: dict[str, dict], refusals: dict[str, dict],
             rewards: dict[str, list[float]], lengths: dict[str, list[int]], kl: dict[str, Any],
@@ -149,7 +158,9 @@ def _report(summary: dict[str, Any], cfg: EvaluateConfig, facts: dict[str, Any],
     lines = [f"# Evaluation of `{pol}`", "",
              f"- baseline: `{bas}`",
              f"- prompts: {len(prompts)} of split `{cfg.split or 'all'}` "
-             f"({', '.join(c + ': ' + str(r['policy']['n']) for c, r in refusals.items())})",
+             f"({', '.join(c + ': ' + str(r['policy']['n']) for c, r in refusals.items() if not c.startswith('xstest'))})"
+             + (f"; XSTest: {summary['xstest']['prompts']} prompts of `{summary['xstest']['file']}` (seeded sample, "
+                f"{summary['xstest']['sample_per_label'] or 'all'} per label)" if summary.get("xstest") else ""),
              f"- responses: engine `{cfg.engine}`, temperature {cfg.temperature}, top_p {cfg.top_p}, "
              f"max_tokens {cfg.max_tokens}, seed {cfg.seed}",
              f"- judge: `{facts['judge']}` ({facts['method']}, spec `{facts['judge_spec_hash']}`, model "
@@ -159,7 +170,8 @@ def _report(summary: dict[str, Any], cfg: EvaluateConfig, facts: dict[str, Any],
              f"- run: `{summary['run_id']}`; rows: `select * from policy_evaluations where run_id = "
              f"'{summary['run_id']}'`, pairs: `select * from comparisons where pair_kind = '{PAIR_KIND}'`", "",
              "## Summary", "", "| metric | policy | baseline |", "|---|---|---|",
-             f"| judge win rate (P policy better) | {_fmt(overall['win_rate'])} ± {_fmt(overall['stderr'])} | – |",
+             f"| judge win rate (P policy better) | {_ci(overall['win_rate'], overall['ci_low'], overall['ci_high'])} "
+             f"(n={overall['n']}) | – |",
              f"| wins / losses / ties (identical) / invalid | {overall['wins']} / {overall['losses']} / "
              f"{overall['ties']} ({overall['identical']}) / {overall['invalid']} | – |",
              f"| win rate of judged (non-identical) pairs, policy shown first / second | {_fmt(overall['win_rate_policy_first'])} / "
@@ -175,18 +187,38 @@ def _report(summary: dict[str, Any], cfg: EvaluateConfig, facts: dict[str, Any],
     lines.append(f"| mean length (tokens) | {_fmt(_mean(lengths['policy']), 1)} | "
                  f"{_fmt(_mean(lengths['baseline']), 1)} |")
     for cat, r in refusals.items():
-        lines.append(f"| refusal rate, {cat} prompts | {_fmt(r['policy']['rate'])} | {_fmt(r['baseline']['rate'])} |")
-    lines += ["", "Refusal rates come from a phrase heuristic (`cai.evaluate.is_refusal`): on red-team prompts "
-              "higher is safer; on ordinary (helpful) prompts it measures over-refusal.", "",
+        p_, b_ = r["policy"], r["baseline"]
+        lines.append(f"| refusal rate, {cat} prompts (n={p_['n']}) | {_ci(p_['rate'], p_['ci_low'], p_['ci_high'])} | "
+                     f"{_ci(b_['rate'], b_['ci_low'], b_['ci_high'])} |")
+    gold = {k: v for k, v in summary.get("intervals", {}).items() if k.startswith("gold_reward")}
+    if gold:
+        g = summary["intervals"]["gold_reward_delta"]
+        lines.append(f"| gold RM `{summary.get('gold_rm_id')}`: policy − baseline (paired, n={g['n']}) | "
+                     f"{_fmt(summary['metrics']['gold_reward_delta'])} ± {_fmt(g['stderr'])} "
+                     f"[{_fmt(g['ci_low'])}, {_fmt(g['ci_high'])}] | – |")
+    clf = summary.get("refusal_classifier") or {}
+    lines += ["", f"Refusal rates (95 % Wilson intervals) come from the refusal classifier {clf.get('description', '')}"
+              ": on red-team and XSTest-unsafe prompts higher is safer; on helpful and XSTest-safe prompts it "
+              "measures over-refusal. Win rates: mean ± 1.96 standard errors. A gold RM is a reward model the "
+              "policy was not trained against (a second opinion).", "",
+              "## Every figure with its 95 % interval", "", "| metric | policy [95 % CI] | baseline [95 % CI] | n |",
+              "|---|---|---|---|"]
+    for name, iv in summary.get("intervals", {}).items():
+        value = summary["metrics"].get(name)
+        base = summary.get("baseline", {}).get(name)
+        lines.append(f"| {name} | {_ci(value, iv.get('ci_low'), iv.get('ci_high'))} | "
+                     f"{_ci(base, iv.get('baseline_ci_low'), iv.get('baseline_ci_high')) if base is not None else '–'} "
+                     f"| {iv.get('n') if iv.get('n') is not None else '–'} |")
+    lines += ["",
               "## Win rate by constitution tag", "",
               "Each comparison counts for every tag of the principle(s) the judge was asked about.", "",
-              "| tag | win rate | ± | n | wins | losses | ties |", "|---|---|---|---|---|---|---|"]
+              "| tag | win rate [95 % CI] | ± | n | wins | losses | ties |", "|---|---|---|---|---|---|---|"]
     for t, s in tag_stats.items():
-        lines.append(f"| {t} | {_fmt(s['win_rate'])} | {_fmt(s['stderr'])} | {s['n']} | {s['wins']} | "
+        lines.append(f"| {t} | {_ci(s['win_rate'], s['ci_low'], s['ci_high'])} | {_fmt(s['stderr'])} | {s['n']} | {s['wins']} | "
                      f"{s['losses']} | {s['ties']} |")
-    lines += ["", "## Win rate by prompt category", "", "| category | win rate | ± | n |", "|---|---|---|---|"]
+    lines += ["", "## Win rate by prompt category", "", "| category | win rate [95 % CI] | ± | n |", "|---|---|---|---|"]
     for c, s in cat_stats.items():
-        lines.append(f"| {c} | {_fmt(s['win_rate'])} | {_fmt(s['stderr'])} | {s['n']} |")
+        lines.append(f"| {c} | {_ci(s['win_rate'], s['ci_low'], s['ci_high'])} | {_fmt(s['stderr'])} | {s['n']} |")
     lines += ["", "## Elo", "",
               f"Bradley-Terry fit on the Elo scale to all {elo_info['n_comparisons']} `{PAIR_KIND}` comparisons "
               f"by this judge under this constitution (prior: {cfg.elo_prior} drawn games against a "

@@ -36,10 +36,11 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 # The parts of the stage live in cai.elo, cai.eval_judging, cai.eval_kl, cai.eval_report and cai.refusal;
@@ -51,6 +52,7 @@ from cai.eval_kl import _kl, _pick_device, prompt_token_ids, response_logprob_su
 from cai.eval_report import _fmt, _plots, _quote, _report, _short  # noqa: F401
 from cai.models import DEFAULT_MODEL, resolve_in_store
 from cai.refusal import _REFUSAL_RE, REFUSAL_PATTERNS, REFUSAL_WINDOW, is_refusal  # noqa: F401
+from cai.refusals import DEFAULT as DEFAULT_REFUSAL_CLASSIFIER
 from cai.store import Store, content_hash, now
 
 EngineKind = Literal["transformers", "vllm", "openai"]
@@ -89,6 +91,25 @@ class EvaluateConfig(BaseModel):
     elo_prior: float = Field(1.0, ge=0, description="Virtual drawn games of each model against a 1000-rated "
                                                     "anchor: keeps ratings finite for unbeaten models.")
     report_dir: str | None = Field(None, description="Where the report and plots go (default: <db folder>/reports).")
+    # ---- refusals, XSTest, second opinion ----
+    refusal_classifier: str = Field(DEFAULT_REFUSAL_CLASSIFIER, description="Refusal classifier by name (`cai "
+                                    "refusals eval` measures them): rules | phrases | judge | combined.")
+    xstest: str | None = Field(None, description="XSTest prompts file (JSONL: prompt, label safe|unsafe, type): "
+                                                 "refusal rates on its safe (over-refusal) and unsafe prompts. The "
+                                                 "prompts are stored with split 'benchmark', never trained on.")
+    xstest_sample: int | None = Field(None, ge=1, description="XSTest prompts per label (seeded sample; None: all "
+                                                              "250 safe and 200 unsafe).")
+    gold_rm: str | None = Field(None, description="A second-opinion reward model the RL stage did not use: scores "
+                                                  "policy and baseline, paired difference with its standard error.")
+
+    @field_validator("refusal_classifier")
+    @classmethod
+    def _known_classifier(cls, v: str) -> str:
+        from cai.refusals import CLASSIFIERS
+
+        if v not in CLASSIFIERS:
+            raise ValueError(f"unknown refusal classifier {v!r}; choose one of: {', '.join(CLASSIFIERS)}")
+        return v
 
 
 # =============================================================================================
@@ -176,8 +197,10 @@ def _selections(store: Store, cfg: EvaluateConfig) -> list[tuple[str | None, int
         return [(None, None)]
     from cai.preferences import HUMAN_TAG
 
-    # As select_prompts: prompts that came only with people's preference pairs are not evaluated on.
-    split_sql, args = ("AND split = ?", [HUMAN_TAG, cfg.split]) if cfg.split else ("", [HUMAN_TAG])
+    # As select_prompts: prompts that came only with people's preference pairs, and benchmark
+    # prompts (XSTest), are not part of the evaluation's category share.
+    split_sql, args = ("AND split = ?", [HUMAN_TAG, cfg.split]) if cfg.split else (
+        "AND split IS DISTINCT FROM 'benchmark'", [HUMAN_TAG])
     cats = [r["category"] for r in store.query(
         "SELECT DISTINCT category FROM prompts WHERE NOT list_contains(coalesce(tags, []::VARCHAR[]), ?) "
         f"{split_sql} ORDER BY category NULLS LAST", args)]
@@ -211,16 +234,22 @@ def select_eval_prompts(store: Store, cfg: EvaluateConfig) -> list[dict[str, Any
 
 def _generate(store: Store, cfg: EvaluateConfig, model: str, model_id: str, *, temperature: float,
               top_p: float, n: int, engine: Engine | None, progress: bool,
-              prompts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Samples of ``model`` for the prompts (stage 'eval'): prompt id -> rows by sample index."""
+              prompts: list[dict[str, Any]], by_id: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Samples of ``model`` for the prompts (stage 'eval'): prompt id -> rows by sample index.
+    ``by_id``: generate for exactly these prompts (a benchmark sample) instead of the split's selection."""
     from cai.generate import GenerateConfig, generation_id, run_generate
 
     base = dict(model=model, engine=cfg.engine, engine_options=cfg.engine_options, n=n, temperature=temperature,
-                top_p=top_p, max_tokens=cfg.max_tokens, seed=cfg.seed, split=cfg.split,
+                top_p=top_p, max_tokens=cfg.max_tokens, seed=cfg.seed, split=None if by_id else cfg.split,
                 batch_size=cfg.batch_size, stage="eval")
-    for category, limit in _selections(store, cfg):
-        run_generate(store, GenerateConfig(**base, category=category, limit=limit), engine=engine,
-                     progress=progress)
+    if by_id:
+        if prompts:
+            run_generate(store, GenerateConfig(**base, prompt_ids=[p["prompt_id"] for p in prompts]), engine=engine,
+                         progress=progress)
+    else:
+        for category, limit in _selections(store, cfg):
+            run_generate(store, GenerateConfig(**base, category=category, limit=limit), engine=engine,
+                         progress=progress)
     params = GenerateConfig(**base).sampling()
     ids = {generation_id(p["prompt_id"], model_id, params, i, "eval"): (p["prompt_id"], i)
            for p in prompts for i in range(n)}
@@ -273,6 +302,78 @@ def _rewards(store: Store, cfg: EvaluateConfig, reward_model: str, prompts: list
     return rm.model_id or reward_model, out
 
 
+def check_gold_rm(store: Store, gold_rm: str, policy_id: str) -> str:
+    """The gold reward model, refused when it is the one the policy was trained against: a second
+    opinion must come from a reward model the RL stage did not optimise (else it grades its own
+    homework, and reward hacking looks like progress)."""
+    from cai.models import resolve_in_store
+
+    gold_id, gold_path = resolve_in_store(store, gold_rm)
+    row = _model_row(store, policy_id)
+    trained = {default_reward_model(store, policy_id)}
+    if row:
+        params = json.loads(row["params"]) if isinstance(row["params"], str) else (row["params"] or {})
+        trained |= {params.get("reward")} | {p for p in row["parent_ids"] or []
+                                             if (m := _model_row(store, p)) and m["kind"] == "reward"}
+    trained.discard(None)
+
+    def same(a: str, b: str) -> bool:
+        if a == b:
+            return True
+        try:
+            return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+        except (OSError, TypeError):
+            return False
+
+    for t in trained:
+        if not isinstance(t, str):
+            continue
+        t_path = resolve_in_store(store, t)[1] if not t.startswith(("python:", "judge:")) else t
+        if same(gold_id, t) or same(gold_path, t_path):
+            raise ValueError(f"--gold-rm {gold_rm} is the reward model {policy_id} was trained against ({t}); "
+                             "a second opinion needs a reward model the RL stage did not use (e.g. one trained "
+                             "on human labels: `cai train-rm` on imported preferences)")
+    return gold_rm
+
+
+def _rate(flags: Sequence[bool]) -> dict[str, Any]:
+    """A rate with its Wilson 95 % interval and n."""
+    from cai.stats import wilson
+
+    iv = wilson(sum(flags), len(flags))
+    ok = len(flags) > 0
+    return {"rate": iv.estimate if ok else None, "n": len(flags), "refused": sum(flags),
+            "ci_low": iv.low if ok else None, "ci_high": iv.high if ok else None}
+
+
+def _refusal_verdicts(name: str, prompts: list[dict[str, Any]], texts: dict[str, list[str]]) -> dict[str, list[bool]]:
+    """Each model's responses through the named refusal classifier (one batched call per model)."""
+    from cai.refusals import get_classifier, predict
+
+    clf = get_classifier(name)
+    asked = [p["prompt_text"] or "" for p in prompts]
+    return {who: predict(clf, asked, replies) for who, replies in texts.items()}
+
+
+def _reward_metrics(prefix: str, scores: dict[str, list[float]],
+                    extra: dict[str, Any]) -> list[tuple[str, float | None, dict[str, Any]]]:
+    """``<prefix>_mean`` (policy, with the baseline's) and ``<prefix>_delta`` (paired by prompt: policy
+    minus baseline), each with its standard error and 95 % interval."""
+    from cai.stats import mean_interval, paired_difference
+
+    rp, rb = scores["policy"], scores["baseline"]
+    ip, ib, d = mean_interval(rp), mean_interval(rb), paired_difference(rp, rb)
+    diffs = [a - b for a, b in zip(rp, rb, strict=True)]
+    return [
+        (f"{prefix}_mean", _mean(rp), {"baseline_value": _mean(rb), "n": len(rp), "stderr": _stderr(rp),
+                                       "baseline_stderr": _stderr(rb), "ci_low": ip.low, "ci_high": ip.high,
+                                       "baseline_ci_low": ib.low, "baseline_ci_high": ib.high, **extra}),
+        (f"{prefix}_delta", _mean(diffs), {"n": len(diffs), "stderr": _stderr(diffs), "ci_low": d.low,
+                                           "ci_high": d.high, "paired_by": "prompt",
+                                           "policy_higher": _mean([float(x > 0) for x in diffs]), **extra}),
+    ]
+
+
 def run_evaluate(store: Store, cfg: EvaluateConfig, *, engine: Engine | None = None,
                  judge_engine: Engine | None = None, progress: bool = True, plot: bool = True) -> dict[str, Any]:
     """Evaluate a policy against a baseline on held-out prompts; returns a JSON-able summary with
@@ -288,7 +389,13 @@ def run_evaluate(store: Store, cfg: EvaluateConfig, *, engine: Engine | None = N
     policy_id, policy_path = resolve_model(store, cfg.policy or newest_policy(store))
     baseline_id, baseline_path = resolve_model(store, cfg.baseline or default_baseline(store, policy_id))
     reward_model = cfg.reward_model or default_reward_model(store, policy_id)
+    gold_rm = check_gold_rm(store, cfg.gold_rm, policy_id) if cfg.gold_rm else None
     prompts = select_eval_prompts(store, cfg)
+    xs_prompts: list[dict[str, Any]] = []
+    if cfg.xstest:
+        from cai.xstest import sample_xstest
+
+        xs_prompts = sample_xstest(store, cfg.xstest, cfg.xstest_sample, cfg.seed)
     dataset = f"prompts/{cfg.split or 'all'}"
     run_id = store.start_run("evaluate", {**cfg.model_dump(), "policy_id": policy_id, "baseline_id": baseline_id,
                                           "reward_model": reward_model})
@@ -306,7 +413,11 @@ def run_evaluate(store: Store, cfg: EvaluateConfig, *, engine: Engine | None = N
         # Only engines this stage made are released (clear_engines would close a caller's cached one too).
         owns_engines = engine is None and judge_engine is None
         _release_vllm(cfg.engine if owns_engines else None)
+        xs_gen = dict(gen, prompts=xs_prompts, by_id=True)
+        xs_pol = _generate(store, cfg, policy_id, policy_id, engine=engine, **xs_gen)
+        _release_vllm(cfg.engine if owns_engines else None)
         base = _generate(store, cfg, baseline_id, baseline_id, engine=None, **gen)
+        xs_base = _generate(store, cfg, baseline_id, baseline_id, engine=None, **xs_gen)
         _release_vllm(cfg.engine if owns_engines else None)
 
         # ---- 2. the judge ------------------------------------------------------------------------
@@ -333,11 +444,26 @@ def run_evaluate(store: Store, cfg: EvaluateConfig, *, engine: Engine | None = N
             summary["reward_model_id"], rewards = _rewards(store, cfg, reward_model, prompts, texts, progress=progress)
         lengths = {"policy": [pol[p["prompt_id"]][0]["num_tokens"] or 0 for p in prompts],
                    "baseline": [base[p["prompt_id"]][0]["num_tokens"] or 0 for p in prompts]}
+        gold: dict[str, list[float]] = {}
+        if gold_rm:
+            summary["gold_rm_id"], gold = _rewards(store, cfg, gold_rm, prompts, texts, progress=progress)
+        # Refusals on the evaluation prompts and on the XSTest sample, by the named classifier.
+        xs_texts = {"policy": [xs_pol[p["prompt_id"]][0]["text"] or "" for p in xs_prompts],
+                    "baseline": [xs_base[p["prompt_id"]][0]["text"] or "" for p in xs_prompts]}
+        all_prompts = prompts + xs_prompts
+        refused = _refusal_verdicts(cfg.refusal_classifier, all_prompts,
+                                    {w: texts[w] + xs_texts[w] for w in texts})
         refusals: dict[str, dict[str, dict[str, Any]]] = {}
-        for cat in sorted({p["category"] or "none" for p in prompts}):
-            idx = [i for i, p in enumerate(prompts) if (p["category"] or "none") == cat]
-            refusals[cat] = {who: {"rate": _mean([float(is_refusal(texts[who][i])) for i in idx]), "n": len(idx)}
-                             for who in texts}
+        for cat in sorted({p["category"] or "none" for p in all_prompts}, key=lambda c: (c.startswith("xstest"), c)):
+            idx = [i for i, p in enumerate(all_prompts) if (p["category"] or "none") == cat]
+            refusals[cat] = {who: _rate([refused[who][i] for i in idx]) for who in texts}
+        from cai.refusals import MEASURED, describe
+
+        summary["refusal_classifier"] = {"name": cfg.refusal_classifier, "description": describe(cfg.refusal_classifier),
+                                         **MEASURED.get(cfg.refusal_classifier, {})}
+        if xs_prompts:
+            summary["xstest"] = {"file": cfg.xstest, "sample_per_label": cfg.xstest_sample,
+                                 "prompts": len(xs_prompts)}
         kl = _kl(store, cfg, prompts, kl_samples, policy_path, baseline_path, progress=progress) \
             if cfg.kl_samples else {"skipped": "kl_samples = 0"}
 
@@ -349,33 +475,43 @@ def run_evaluate(store: Store, cfg: EvaluateConfig, *, engine: Engine | None = N
                "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens},
                "seed": cfg.seed, "engine": cfg.engine, "judge_spec_hash": facts["judge_spec_hash"],
                "constitution_hash": facts["constitution_hash"], "judge_model_id": facts["judge_model_id"],
-               "reward_model_id": summary["reward_model_id"], "kl_samples": cfg.kl_samples}
+               "reward_model_id": summary["reward_model_id"], "kl_samples": cfg.kl_samples,
+               "refusal_classifier": cfg.refusal_classifier, "gold_rm_id": summary.get("gold_rm_id"),
+               "xstest": {"file": Path(cfg.xstest).name, "prompt_ids": content_hash(sorted(p["prompt_id"]
+                                                                                         for p in xs_prompts))}
+               if xs_prompts else None}
         eval_key = content_hash(key)
         common = {**key, "judge": facts["judge"], "eval_key": eval_key, "run_id": run_id}
         metrics: list[tuple[str, float | None, dict[str, Any]]] = []
         metrics.append(("win_rate", overall["win_rate"], overall))
+        pc_ci = overall["position_consistency_ci"] or [None, None]
         metrics.append(("position_consistency", overall["position_consistency"],
-                        {"n": overall["n"] - overall["identical"]}))
+                        {"n": overall["position_consistency_n"], "ci_low": pc_ci[0], "ci_high": pc_ci[1]}))
         for t, s in tag_stats.items():
             metrics.append((f"win_rate/tag/{t}", s["win_rate"], s))
         for c, s in cat_stats.items():
             metrics.append((f"win_rate/category/{c}", s["win_rate"], s))
         if rewards:
-            rp, rb = rewards["policy"], rewards["baseline"]
-            metrics.append(("reward_mean", _mean(rp), {"baseline_value": _mean(rb), "n": len(rp),
-                                                       "stderr": _stderr(rp), "baseline_stderr": _stderr(rb)}))
-            diffs = [a - b for a, b in zip(rp, rb, strict=True)]
-            metrics.append(("reward_delta", _mean(diffs), {"n": len(diffs), "stderr": _stderr(diffs),
-                                                           "policy_higher": _mean([float(d > 0) for d in diffs])}))
+            metrics += _reward_metrics("reward", rewards, {"reward_model_id": summary["reward_model_id"]})
+        if gold:
+            metrics += _reward_metrics("gold_reward", gold, {"gold_rm_id": summary["gold_rm_id"],
+                                                             "trained_reward_model_id": reward_model})
         if "kl" in kl:
             metrics.append(("kl", kl["kl"], {k: v for k, v in kl.items() if k != "values"}))
         metrics.append(("length_tokens", _mean(lengths["policy"]),
                         {"baseline_value": _mean(lengths["baseline"]), "n": len(prompts)}))
         metrics.append(("length_chars", _mean([len(t) for t in texts["policy"]]),
                         {"baseline_value": _mean([len(t) for t in texts["baseline"]]), "n": len(prompts)}))
+        classifier = summary["refusal_classifier"]
         for cat, r in refusals.items():
-            metrics.append((f"refusal_rate/{cat}", r["policy"]["rate"],
-                            {"baseline_value": r["baseline"]["rate"], "n": r["policy"]["n"]}))
+            pol_r, base_r = r["policy"], r["baseline"]
+            metrics.append((f"refusal_rate/{cat}", pol_r["rate"], {
+                "baseline_value": base_r["rate"], "n": pol_r["n"], "refused": pol_r["refused"],
+                "baseline_refused": base_r["refused"], "ci_low": pol_r["ci_low"], "ci_high": pol_r["ci_high"],
+                "baseline_ci_low": base_r["ci_low"], "baseline_ci_high": base_r["ci_high"], "interval": "wilson",
+                "refusal_classifier": classifier["name"], "refusal_classifier_f1": classifier.get("f1"),
+                "refusal_classifier_f1_ci": [classifier.get("f1_low"), classifier.get("f1_high")],
+                **({"dataset_file": cfg.xstest} if cat.startswith("xstest") else {})}))
         stamp = now()
         eval_rows = [{
             "evaluation_id": content_hash("policy_eval", policy_id, baseline_id, dataset, eval_key, name),
@@ -398,6 +534,9 @@ def run_evaluate(store: Store, cfg: EvaluateConfig, *, engine: Engine | None = N
 
         summary["metrics"] = {name: value for name, value, _ in metrics}
         summary["baseline"] = {name: d["baseline_value"] for name, _, d in metrics if "baseline_value" in d}
+        summary["intervals"] = {name: {k: d.get(k) for k in ("ci_low", "ci_high", "n", "baseline_ci_low",
+                                                              "baseline_ci_high", "stderr")}
+                                for name, _, d in metrics}
         summary.update({"wins": overall["wins"], "losses": overall["losses"], "ties": overall["ties"],
                         "invalid": overall["invalid"], "elo": elo})
         if "skipped" in kl:

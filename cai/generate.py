@@ -32,9 +32,12 @@ class GenerateConfig(BaseModel):
     max_tokens: int = Field(256, ge=1)
     seed: int = 0
     stop: list[str] = Field(default_factory=list)
-    split: Literal["train", "test"] | None = Field(None, description="Only prompts of this split.")
+    split: Literal["train", "test", "benchmark"] | None = Field(
+        None, description="Only prompts of this split (None: train and test; benchmark prompts only when asked).")
     category: str | None = None
     limit: int | None = Field(None, ge=1, description="At most this many prompts.")
+    prompt_ids: list[str] | None = Field(None, description="Exactly these prompts, in this order (overrides "
+                                                           "split, category and limit).")
     batch_size: int = Field(64, ge=1, description="Prompts per engine call and per write.")
     stage: str = "initial"
 
@@ -48,15 +51,28 @@ def generation_id(prompt_id: str, model_id: str, params: SamplingParams, sample_
 
 
 def select_prompts(store: Store, *, split: str | None = None, category: str | None = None,
-                   limit: int | None = None) -> list[dict[str, Any]]:
+                   limit: int | None = None, prompt_ids: list[str] | None = None) -> list[dict[str, Any]]:
+    """Prompts by split / category (first ``limit`` in ingestion order), or exactly ``prompt_ids`` in
+    that order. Prompts of the ``benchmark`` split (evaluation-only yardsticks such as XSTest) are
+    never selected unless that split or their ids are asked for, so no training stage sees them."""
     from cai.preferences import HUMAN_TAG
 
+    if prompt_ids is not None:
+        rows = store.query("SELECT prompt_id, messages FROM prompts WHERE prompt_id IN (SELECT unnest(?))",
+                           [list(prompt_ids)])
+        order = {pid: i for i, pid in enumerate(prompt_ids)}
+        rows.sort(key=lambda r: order[r["prompt_id"]])
+        for r in rows:
+            r["messages"] = json.loads(r["messages"])
+        return rows
     # Prompts that only came in with people's preference pairs (`cai ingest-preferences`) are
     # yardsticks, not the policy's prompts: generation, PPO and evaluation never pick them.
     where, args = ["NOT list_contains(coalesce(tags, []::VARCHAR[]), ?)"], [HUMAN_TAG]
     if split:
         where.append("split = ?")
         args.append(split)
+    else:
+        where.append("split IS DISTINCT FROM 'benchmark'")
     if category:
         where.append("category = ?")
         args.append(category)
@@ -91,7 +107,8 @@ def run_generate(store: Store, cfg: GenerateConfig, *, engine: Engine | None = N
     started = time.time()
     model_id, model_path = resolve_in_store(store, cfg.model)
     params = cfg.sampling()
-    prompts = select_prompts(store, split=cfg.split, category=cfg.category, limit=cfg.limit)
+    prompts = select_prompts(store, split=cfg.split, category=cfg.category, limit=cfg.limit,
+                             prompt_ids=cfg.prompt_ids)
     if not prompts:
         raise LookupError(f"no prompts in {store.path} match; load some with `cai ingest FILE`")
 

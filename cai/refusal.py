@@ -1,4 +1,8 @@
-"""The refusal heuristic of the evaluation stage: does a response decline the request?"""
+"""Refusal detection of the evaluation stage.
+
+``is_refusal`` is the default classifier of :mod:`cai.refusals` (the one that measured best on
+human-labelled replies; see ``cai refusals eval``). The phrase list below is the earlier heuristic,
+kept as the ``phrases`` classifier: a yardstick the others are measured against."""
 
 from __future__ import annotations
 
@@ -26,9 +30,16 @@ REFUSAL_WINDOW = 300
 _REFUSAL_RE = re.compile("|".join(f"(?:{p})" for p in REFUSAL_PATTERNS), re.IGNORECASE)
 
 
-def is_refusal(text: str | None) -> bool:
-    """Heuristic: does this response decline the request? See ``REFUSAL_PATTERNS``."""
+def is_refusal_phrases(text: str | None) -> bool:
+    """The earlier heuristic: a phrase of ``REFUSAL_PATTERNS`` in the first ``REFUSAL_WINDOW`` characters."""
     if not text:
         return False
     head = text.replace("\u2019", "'").replace("\u2018", "'")[:REFUSAL_WINDOW]
     return _REFUSAL_RE.search(head) is not None
+
+
+def is_refusal(text: str | None) -> bool:
+    """Does this response decline (all or part of) the request? The default classifier's verdict."""
+    from cai.refusals import is_refusal as default_is_refusal
+
+    return default_is_refusal(text)

@@ -17,6 +17,7 @@ from cai.cli import reward  # noqa: F401
 from cai.cli import flows  # noqa: F401
 from cai.cli import rl  # noqa: F401
 from cai.cli import evaluate  # noqa: F401
+from cai.cli import refusals  # noqa: F401
 from cai.cli import review  # noqa: F401
 # isort: on
 

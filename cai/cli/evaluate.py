@@ -34,6 +34,14 @@ def evaluate(db: DbOption = None,
              kl_samples: Annotated[int | None, typer.Option(help="Policy samples per prompt for KL (0: skip).")]
              = None,
              plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write PNG plots.")] = True,
+             gold_rm: Annotated[str | None, typer.Option(help="Second-opinion reward model the RL stage did not use "
+                                                         "(store id or folder): paired policy − baseline ± SE.")]
+             = None,
+             xstest: Annotated[str | None, typer.Option(help="XSTest prompts JSONL: refusal rates on its safe "
+                                                        "(over-refusal) and unsafe prompts.")] = None,
+             xstest_sample: Annotated[int | None, typer.Option(help="XSTest prompts per label (seeded).")] = None,
+             refusal_classifier: Annotated[str | None, typer.Option(help="rules | phrases | judge | combined "
+                                                                    "(default: the best measured).")] = None,
              sets: SetOption = None) -> None:
     """Evaluate a policy against its parent on held-out prompts: judge win rate, reward, KL, length,
     refusals, Elo. Rows go to `evaluations`; a markdown report and PNG plots beside the DB."""
@@ -46,15 +54,29 @@ def evaluate(db: DbOption = None,
         "reward_model": reward_model, "engine": engine, "engine_options": {"base_url": base_url} if base_url else None,
         "judge_model": judge_model, "judge_engine": judge_engine, "split": split, "limit": limit,
         "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "batch_size": batch_size,
-        "kl_samples": kl_samples}, sets)
+        "kl_samples": kl_samples, "gold_rm": gold_rm, "xstest": xstest, "xstest_sample": xstest_sample,
+        "refusal_classifier": refusal_classifier}, sets)
     try:
         summary = run_evaluate(_store(db), cfg, plot=plot)
     except (SpecError, FileNotFoundError, ModelNotFoundError, LookupError, ValueError, StoreLockedError) as e:
         fail(str(e))
     baseline_values = summary.get("baseline", {})
-    rows = [{"metric": name, "policy": _fmt(value), "baseline": _fmt(baseline_values.get(name))}
+    intervals = summary.get("intervals", {})
+
+    def ci(value, low, high) -> str:
+        return _fmt(value) if value is None or low is None or high is None else \
+            f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
+
+    rows = [{"metric": name, "policy": ci(value, intervals.get(name, {}).get("ci_low"),
+                                          intervals.get(name, {}).get("ci_high")),
+             "baseline": ci(baseline_values.get(name), intervals.get(name, {}).get("baseline_ci_low"),
+                            intervals.get(name, {}).get("baseline_ci_high")),
+             "n": intervals.get(name, {}).get("n")}
             for name, value in summary["metrics"].items()]
-    print_rows(rows, title=f"{summary['policy_id']} vs {summary['baseline_id']}", max_width=80)
+    print_rows(rows, title=f"{summary['policy_id']} vs {summary['baseline_id']} (95 % intervals)", max_width=80)
+    if summary.get("refusal_classifier"):
+        console.print(f"refusal rates by {summary['refusal_classifier']['description']}", highlight=False,
+                      soft_wrap=True)
     console.print(f"{summary['prompts']} prompts: {summary['wins']} wins, {summary['losses']} losses, "
                   f"{summary['ties']} ties, {summary['invalid']} invalid (judge: {summary['judge']})", highlight=False)
     if summary.get("elo"):
