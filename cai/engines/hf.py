@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cai.engines.base import Completion, Engine, EngineInfo, SamplingParams, sample_seed
+from cai.engines.base import Completion, Engine, EngineInfo, SamplingParams
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
            "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
@@ -242,7 +242,7 @@ class TransformersEngine(Engine):
                 g = None
                 if not params.greedy:
                     g = torch.Generator(device=dev)
-                    g.manual_seed(sample_seed(params.seed, req, j))
+                    g.manual_seed(params.sample_seed(req, j))
                 rows.append(_Row(prompt=p, sample=j, generator=g))
         active = list(range(len(rows)))  # rows[active[k]] is batch row k
         max_stop = max((len(s) for s in params.stop), default=0)

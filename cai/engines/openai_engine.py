@@ -8,7 +8,7 @@ Requests:
 * Greedy generation and next-token scoring send ``prompts_per_request`` prompts per HTTP request
   (the completions API takes a list of prompts).
 * Sampled generation sends one request per sample, because the API takes one ``seed`` per request
-  and every sample has its own seed (``sample_seed(params.seed, i, j)``). The server batches the
+  and every sample has its own seed (``params.sample_seed(i, j)``). The server batches the
   concurrent requests itself.
 * At most ``max_concurrency`` requests are in flight (a thread pool); connection errors, 429 and
   5xx answers are retried ``retries`` times with exponential back-off (honouring ``Retry-After``).
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cai.engines.base import NEG_INF, Completion, Engine, EngineInfo, SamplingParams, sample_seed
+from cai.engines.base import NEG_INF, Completion, Engine, EngineInfo, SamplingParams
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _TOKEN_ID_PREFIX = "token_id:"
@@ -198,7 +198,7 @@ class OpenAIEngine(Engine):
             for i in range(len(ids)):
                 for j in range(params.n):
                     plan.append([(i, j)])
-                    bodies.append(self._body([ids[i]], seed=sample_seed(params.seed, i, j), **common))
+                    bodies.append(self._body([ids[i]], seed=params.sample_seed(i, j), **common))
         responses = self._parallel([lambda b=b: self._request("POST", "/completions", b) for b in bodies],
                                    f"{self.name} generate")
         out: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
