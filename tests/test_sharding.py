@@ -113,3 +113,18 @@ def test_resumed_shard_is_idempotent(tmp_path, tiny_policy_dir, demo_prompt_file
     assert first["generated"] > 0 and again["generated"] == 0 and again["already_done"] == first["prompts"]
     other = run_generate(store, gen.model_copy(update={"shard": "1/2"}), progress=False)
     assert other["prompts"] + first["prompts"] == 4
+
+
+def test_cli_shard_and_engine_option_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+    from cai.cli.common import engine_options
+
+    assert engine_options("http://a", ["gpu_memory_utilization=0.8", "tensor_parallel_size=2", "quantization=awq"]) \
+        == {"base_url": "http://a", "gpu_memory_utilization": 0.8, "tensor_parallel_size": 2, "quantization": "awq"}
+    db = str(tmp_path / "x.duckdb")
+    bad = CliRunner().invoke(app, ["generate", "--db", db, "--shard", "2/2"])
+    assert bad.exit_code != 0 and "--shard" in bad.output and "0 <= I < N" in bad.output
+    bad = CliRunner().invoke(app, ["label", "--db", db, "--engine-option", "no-equals-sign"])
+    assert bad.exit_code != 0 and "KEY=VALUE" in bad.output

@@ -95,3 +95,25 @@ def _fmt(v: object) -> str:
 def main() -> None:
     app()
 
+
+
+# ---- scale-out options shared by the engine-taking commands (issue 14) ------------------------------
+ShardOption = Annotated[str | None, typer.Option(
+    "--shard", help="I/N: only shard I of N (0-based), partitioned by content hash; the union of all N "
+                    "shards is exactly one unsharded run.")]
+EngineOptionOption = Annotated[list[str] | None, typer.Option(
+    "--engine-option", help="Engine option KEY=VALUE (YAML value), repeatable: tensor_parallel_size=2, "
+                            "gpu_memory_utilization=0.8, quantization=awq, max_model_len=4096.")]
+
+
+def engine_options(base_url: str | None = None, items: list[str] | None = None) -> dict:
+    """``--base-url`` and ``--engine-option KEY=VALUE`` pairs as an engine's options (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {"base_url": base_url} if base_url else {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--engine-option {item!r}: write KEY=VALUE, e.g. --engine-option gpu_memory_utilization=0.8")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out

@@ -11,12 +11,15 @@ import typer
 from cai.cli.common import (
     ConfigFileOption,
     DbOption,
+    EngineOptionOption,
     SetOption,
+    ShardOption,
     _store,
     _train_config,
     _validation_message,
     app,
     console,
+    engine_options,
     fail,
     print_rows,
 )
@@ -45,6 +48,8 @@ def critique(db: DbOption = None,
                                                      "model id or HF folder.")] = "smollm2-135m-instruct",
              engine: Annotated[str, typer.Option(help="transformers | vllm | openai")] = "transformers",
              base_url: Annotated[str | None, typer.Option(help="Server URL for --engine openai.")] = None,
+             engine_option: EngineOptionOption = None,
+             shard: ShardOption = None,
              rounds: Annotated[int, typer.Option(help="Critique-revision rounds per generation.")] = 2,
              few_shot: Annotated[int | None, typer.Option(help="Constitution examples placed first "
                                                                "(default: all).")] = None,
@@ -83,7 +88,7 @@ def critique(db: DbOption = None,
                              revision_max_tokens=revision_max_tokens, seed=seed,
                              max_revision_chars=max_revision_chars, max_growth=max_growth,
                              generation_model=generation_model, split=split, category=category, limit=limit,
-                             batch_size=batch_size, engine_options={"base_url": base_url} if base_url else {})
+                             batch_size=batch_size, engine_options=engine_options(base_url, engine_option), shard=shard)
     except ValidationError as e:
         fail(_validation_message(e))
     try:

@@ -62,7 +62,7 @@ class TransformersEngine(Engine):
 
     name = "transformers"
 
-    def __init__(self, model: str, *, device: str = "cpu", dtype: Any = None, batch_size: int = 16,
+    def __init__(self, model: str, *, device: str | None = None, dtype: Any = None, batch_size: int = 16,
                  progress: bool = True, tokenizer: Any = None, num_threads: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,6 +71,10 @@ class TransformersEngine(Engine):
         path = resolve(model)
         tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
+        if device is None:  # a GPU when there is one (CUDA_VISIBLE_DEVICES / Ray's GPU resource pick which)
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         lm.to(device)
         lm.eval()
         self._setup(lm, tok, model, batch_size=batch_size, progress=progress, num_threads=num_threads)
