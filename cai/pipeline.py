@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai.critique import CritiqueConfig
+from cai.distributed import RunnerConfig
 from cai.dpo import DPOConfig
 from cai.evaluate import EvaluateConfig
 from cai.generate import GenerateConfig
@@ -78,6 +79,7 @@ class PipelineConfig(BaseModel):
     engine_options: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
     stages: list[Stage] = Field(default_factory=lambda: ["ingest", "generate"])
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, description="kind: ray fans shardable stages out.")
 
     ingest: IngestSection = Field(default_factory=IngestSection)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
