@@ -117,3 +117,35 @@ def engine_options(base_url: str | None = None, items: list[str] | None = None) 
             fail(f"--engine-option {item!r}: write KEY=VALUE, e.g. --engine-option gpu_memory_utilization=0.8")
         out[key.strip()] = yaml.safe_load(value) if value.strip() else None
     return out
+
+
+NumProcessesOption = Annotated[int | None, typer.Option(
+    "--num-processes", help="Train on N processes under `accelerate launch` (DDP; gloo on CPU, NCCL on "
+                            "GPUs, one per GPU); rank 0 alone writes to the store and saves checkpoints.")]
+
+
+def relaunch_under_accelerate(num_processes: int | None) -> None:
+    """Run this very command again under ``accelerate launch`` on ``num_processes`` processes, and
+    exit with its status (not when already launched, or for one process)."""
+    import os
+    import subprocess
+
+    from cai.training import accelerate_command
+
+    if not num_processes or num_processes <= 1 or os.environ.get("WORLD_SIZE"):
+        return
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            argv.append(a)
+    raise typer.Exit(subprocess.call(accelerate_command(num_processes, argv)))
+
+
+def is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

@@ -12,6 +12,7 @@ from cai.cli.common import (
     ConfigFileOption,
     DbOption,
     EngineOptionOption,
+    NumProcessesOption,
     SetOption,
     ShardOption,
     _store,
@@ -21,7 +22,9 @@ from cai.cli.common import (
     console,
     engine_options,
     fail,
+    is_main_process,
     print_rows,
+    relaunch_under_accelerate,
 )
 from cai.store import Store, StoreLockedError
 
@@ -131,6 +134,7 @@ def sft(db: DbOption = None,
         save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
         stop_after: Annotated[int | None, typer.Option(help="Checkpoint and stop after this many steps; the "
                                                             "same command resumes.")] = None,
+        num_processes: NumProcessesOption = None,
         sets: SetOption = None,
         config: ConfigFileOption = None) -> None:
     """Fine-tune the policy on the SL-CAI pairs (`sl_cai`: prompt, final revision); resumes if interrupted."""
@@ -147,10 +151,13 @@ def sft(db: DbOption = None,
         max_steps=max_steps, seed=seed, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
         mixed_precision=mixed_precision, device=device, eval_every=eval_every, save_every=save_every,
         split=split), sets, config)
+    relaunch_under_accelerate(num_processes)
     try:
         summary = run_sft(_store(db), cfg, stop_after_steps=stop_after)
     except (ModelNotFoundError, LookupError, StoreLockedError, RuntimeError, ValueError) as e:
         fail(str(e))
+    if not is_main_process():
+        return
     console.print_json(json.dumps(summary, default=str))
     if summary.get("finished") or summary.get("already_trained"):
         console.print(f"sample from it: cai generate --model {summary['model_id']}", markup=False)
