@@ -28,7 +28,7 @@ from cai.store import Store, content_hash, now
 # Fields that change how a run is carried out but not which model comes out of it; they are left
 # out of the model id, so changing them does not start a new model (or break a resume).
 RUNTIME_FIELDS = {"model_id", "output_dir", "eval_every", "save_every", "keep_checkpoints", "log_every",
-                  "eval_batch_size", "device"}
+                  "eval_batch_size", "device", "num_processes"}
 
 
 class TrainingConfig(BaseModel):
@@ -66,6 +66,8 @@ class TrainingConfig(BaseModel):
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on a GPU that supports it, float32 elsewhere.")
     device: str | None = Field(None, description="cuda, cpu, ... (default: cuda if available).")
+    num_processes: int = Field(1, ge=1, description="Processes under `accelerate launch` (data parallel; "
+                                                    "the run file's stage launches them).")
     # --- bookkeeping ---
     eval_every: int = Field(50, ge=1, description="Steps between validation passes (and one at the end).")
     eval_batch_size: int = Field(8, ge=1)

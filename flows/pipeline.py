@@ -201,7 +201,22 @@ def cai_pipeline(run_file: str = "pipeline.yaml", stages: list[str] | None = Non
     """ingest → generate → critique → sft → label → train-rm → ppo/dpo → evaluate, as the run file says."""
     cfg = load_pipeline(run_file)
     todo = [s for s in cfg.ordered_stages() if stages is None or s in stages]
-    return run_stages(cfg, todo)
+    with store_writer_slot():
+        return run_stages(cfg, todo)
+
+
+def store_writer_slot():
+    """Deployed runs (prefect.yaml sets CAI_STORE_WRITER_LIMIT) hold the global concurrency limit of
+    the store's one writer for the whole run, so two deployments never write one store at once."""
+    import os
+    from contextlib import nullcontext
+
+    name = os.environ.get("CAI_STORE_WRITER_LIMIT")
+    if not name:
+        return nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(name, occupy=1)
 
 
 def run_pipeline(run_file: str | Path, stages: list[str] | None = None) -> dict[str, Any]:
