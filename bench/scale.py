@@ -56,6 +56,7 @@ def main() -> None:
 
     import ray
     import yaml
+    from compute import forward_flops, matmul_peak, n_params, print_share
 
     from cai.distributed import RunnerConfig
     from cai.generate import GenerateConfig, run_generate
@@ -64,7 +65,6 @@ def main() -> None:
     from cai.models import resolve
     from cai.pipeline import PipelineConfig
     from cai.store import Store
-    from compute import forward_flops, matmul_peak, n_params, print_share
     from flows.pipeline import ray_stage
 
     tmp = Path(tempfile.mkdtemp(prefix="cai-scale-"))

@@ -128,3 +128,35 @@ def test_cli_shard_and_engine_option_errors(tmp_path):
     assert bad.exit_code != 0 and "--shard" in bad.output and "0 <= I < N" in bad.output
     bad = CliRunner().invoke(app, ["label", "--db", db, "--engine-option", "no-equals-sign"])
     assert bad.exit_code != 0 and "KEY=VALUE" in bad.output
+
+
+def test_openai_engine_routes_by_prompt_prefix(monkeypatch):
+    """Several base_urls: a request goes to the server its prompt's first tokens hash to, so prompts
+    sharing a prefix share a server (and its prefix cache); different prefixes spread out."""
+    import httpx
+    from test_engines import _choice
+
+    from cai.engines import SamplingParams
+
+    hosts: dict[str, str] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        hosts[",".join(map(str, body["prompt"][0]))] = request.url.host
+        return httpx.Response(200, json={"choices": [_choice(0, [111, 2])]})
+
+    from test_engines import _FakeTokenizer
+
+    from cai.engines.openai_engine import OpenAIEngine
+
+    monkeypatch.setattr(OpenAIEngine, "_sleep", staticmethod(lambda attempt, retry_after: None))
+    engine = OpenAIEngine("m", base_url="http://a/v1, http://b/v1,http://c/v1", tokenizer=_FakeTokenizer(),
+                          served_model="m", progress=False)
+    engine._client = httpx.Client(transport=httpx.MockTransport(handler))
+    assert engine.base_urls == ["http://a/v1", "http://b/v1", "http://c/v1"] and engine.max_concurrency == 64
+    long_prefix = "x" * 70  # 70 tokens with the fake tokenizer: past the 64 the route looks at
+    prompts = [long_prefix + str(i) for i in range(6)] + [f"{i}-other" for i in range(30)]
+    engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=2))
+    by_prompt = {p: hosts[",".join(str(ord(c)) for c in p)] for p in prompts}
+    assert len({by_prompt[p] for p in prompts[:6]}) == 1  # same prefix, same server
+    assert set(by_prompt.values()) == {"a", "b", "c"}  # other prefixes use every server
