@@ -8,7 +8,7 @@ each loads the judge once and returns rows, and the driver writes them. Printed 
 driver's write time as a share of the run, and the share of the machine's compute limit
 (``bench/compute.py``). Both runs' rows are checked equal.
 
-    .venv/bin/python bench/scale.py                       # tiny judge, 48 prompts, 4 shards
+    .venv/bin/python bench/scale.py                       # tiny judge, 24 prompts, 4 shards
     .venv/bin/python bench/scale.py --model smollm2-135m-instruct --prompts 24
 """
 
@@ -49,7 +49,7 @@ def judge_tokens(store, lab, model_path: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="judge and policy model (default: a tiny random model on SmolLM2's tokenizer)")
-    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--workers", default="1,2")
     args = ap.parse_args()

@@ -158,10 +158,19 @@ def ray_stage(stage: str, cfg: PipelineConfig, produced: dict[str, str]) -> dict
     from cai.distributed import default_ray_env
 
     r = cfg.runner
-    init = {"runtime_env": {"env_vars": default_ray_env()}, **r.init_kwargs}
+    init = {"runtime_env": {"env_vars": {**default_ray_env(), **_prefect_api_env()}}, **r.init_kwargs}
     address = None if r.address in (None, "auto") and not _ray_cluster_running() else r.address
     runner = RayTaskRunner(address=address, init_kwargs=init)
     return sharded_stage.with_options(task_runner=runner, flow_run_name=f"{stage}-x{r.shards}")(stage, cfg, produced)
+
+
+def _prefect_api_env() -> dict[str, str]:
+    """The driver's Prefect API for the shard tasks (otherwise each Ray worker would start an ephemeral
+    server of its own). On a multi-node cluster use a Prefect server the nodes reach (PREFECT_API_URL)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return {"PREFECT_API_URL": str(client.api_url).rstrip("/")}
 
 
 def _ray_cluster_running() -> bool:
