@@ -38,26 +38,32 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A Ray head on 127.0.0.1 in a temporary directory; ``--block`` keeps it our child, so ending
+    """A Ray head on this machine in a temporary directory; ``--block`` keeps it our child, so ending
     its process group ends the cluster (never `ray stop`, which would stop others' clusters too)."""
     tmp = Path(tempfile.mkdtemp(prefix="cairay", dir="/tmp"))  # short: Ray's socket paths have a limit
     port = free_port()
     fault = tmp / "fault"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           FAULT_ENV: str(fault), "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
+           FAULT_ENV: str(fault), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
     log = open(tmp / "ray.log", "w")  # noqa: SIM115 - open for the cluster's life
-    proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+    # Ray rewrites a 127.0.0.1 address to the host's own address when a driver connects, so the head
+    # binds to that address (it is this machine: nothing leaves it).
+    from ray._private.services import get_node_ip_address
+
+    host = get_node_ip_address()
+    proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", host,
                              "--port", str(port), "--num-cpus", "2", "--temp-dir", str(tmp / "r"),
                              "--include-dashboard", "false", "--disable-usage-stats"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"127.0.0.1:{port}"
+    address = f"{host}:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"ray start exited: {(tmp / 'ray.log').read_text()[-2000:]}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 break
         time.sleep(1)
     else:
