@@ -28,9 +28,10 @@ Batching: all pending generations of a chunk (``batch_size``, default large) go 
 ``r`` together: one ``engine.chat`` call for all their critiques, one for all their revisions,
 then one short write. Resumable: a revision's id is ``hash(generation, round, constitution,
 model, critique settings)``; a re-run reads which rounds exist and runs only the missing ones
-(round ``r`` is built on the stored rows of rounds ``< r``). Principle choices are identical on a
-re-run; sampled texts depend on a row's position in its engine call (the engines seed request
-``i`` with ``seed + i``), so each row records the seeds it was sampled with.
+(round ``r`` is built on the stored rows of rounds ``< r``). Principle choices and sampling seeds
+come from (seed, generation id, round), never from a row's position, so a re-run, a resumed run
+or the union of ``--shard I/N`` runs samples exactly what one uninterrupted run does; each row
+records the seeds it was sampled with.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ import json
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,9 +49,10 @@ from tqdm.auto import tqdm
 
 from cai.cleaning import classify_revision, clean_critique, clean_revision
 from cai.constitution import Constitution, Example, Principle, load_constitution, resolve_constitution
-from cai.engines import Engine, SamplingParams, get_engine
+from cai.engines import Engine, SamplingParams, get_engine, item_seed
 from cai.models import DEFAULT_MODEL, resolve_in_store
-from cai.store import Store, content_hash, now
+from cai.sharding import ShardField, shard_note, take_shard
+from cai.store import Store, content_hash
 
 Message = dict[str, str]
 
@@ -88,6 +91,7 @@ class CritiqueConfig(BaseModel):
     limit: int | None = Field(None, ge=1, description="At most this many generations (stable order).")
     batch_size: int = Field(256, ge=1, description="Generations per chunk; a chunk's round is one engine call "
                                                    "for the critiques, one for the revisions, one write.")
+    shard: ShardField = Field(None, description="I/N: only shard I of N (by generation id); see cai.sharding.")
 
     def critique_params(self, seed: int = 0) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.critique_max_tokens,
@@ -222,7 +226,7 @@ def existing_rounds(store: Store, ids: list[str]) -> dict[str, dict[str, Any]]:
 
 def plan(store: Store, cfg: CritiqueConfig, constitution: Constitution, model_id: str) -> list[Pending]:
     """Every selected generation with its stored rounds loaded and its next missing round set."""
-    gens = select_generations(store, cfg)
+    gens = take_shard(select_generations(store, cfg), cfg.shard, lambda g: g["generation_id"])
     phash = cfg.params_hash(constitution)
     out = [Pending(g["generation_id"], g["prompt_id"], g["messages"], g["text"] or "",
                    [revision_id(g["generation_id"], r, constitution.hash, model_id, phash)
@@ -260,9 +264,100 @@ def fit(engine: Engine, few_shot: list[Message], build, budget: int) -> tuple[li
 
 
 # ---- the stage -------------------------------------------------------------------------------------
+def compute_critique(cfg: CritiqueConfig, constitution: Constitution, model_id: str, model_path: str,
+                     todo: list[Pending], *, engine: Engine | None = None,
+                     stats: dict[str, Any] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Revision rows for the missing rounds of ``todo``, one list per chunk and round; no store
+    access (a Ray worker can run it). Rows lack ``run_id`` and ``created_at`` (the writer's)."""
+    engine = engine or get_engine(cfg.engine, model_path, **cfg.engine_options)
+    stats = stats if stats is not None else {}
+    params_hash = cfg.params_hash(constitution)
+    examples = constitution.examples[:n_examples(constitution, cfg.few_shot)]
+    budget = cfg.max_context - cfg.critique_max_tokens - cfg.revision_max_tokens
+    for start in range(0, len(todo), cfg.batch_size):
+        chunk = todo[start:start + cfg.batch_size]
+        for round_ in range(1, cfg.rounds + 1):
+            active = [p for p in chunk if p.next_round == round_]
+            if not active:
+                continue
+            # 1. principles and critique prompts
+            principles = [pick_principle(constitution, cfg.seed, p.generation_id, round_) for p in active]
+            convs, notes = [], []
+            for p, principle in zip(active, principles, strict=True):
+                shots = example_turns(constitution, examples, principle)
+
+                def build(s, drop, p=p, principle=principle):
+                    earlier = p.carried[drop:]
+                    return critique_conversation(p.messages, p.initial, earlier, principle, s), len(p.carried)
+
+                conv, note = fit(engine, shots, build, budget)
+                convs.append(conv)
+                notes.append(note)
+            # 2. one engine call for every critique of this round, then one for every revision; each
+            # request is seeded by its generation id (not its position), so a resumed or sharded
+            # run samples exactly what an uninterrupted one does.
+            c_base, r_base = call_seed(cfg.seed, round_, "critique", 0), call_seed(cfg.seed, round_, "revision", 0)
+            c_params = replace(cfg.critique_params(c_base),
+                               request_seeds=tuple(item_seed(c_base, p.generation_id) for p in active))
+            r_params = replace(cfg.revision_params(r_base),
+                               request_seeds=tuple(item_seed(r_base, p.generation_id) for p in active))
+            t0 = time.time()
+            critiques = [c[0] for c in engine.chat(convs, c_params)]
+            cleaned_critiques = [clean_critique(c.text, request=pr.critique).text
+                                 for c, pr in zip(critiques, principles, strict=True)]
+            rev_convs = [revision_conversation(conv, crit, pr)
+                         for conv, crit, pr in zip(convs, cleaned_critiques, principles, strict=True)]
+            revisions = [c[0] for c in engine.chat(rev_convs, r_params)]
+            stats["engine_seconds"] = stats.get("engine_seconds", 0.0) + time.time() - t0
+            # 3. clean, classify
+            rows = []
+            for i, (p, pr) in enumerate(zip(active, principles, strict=True)):
+                crit, rev = critiques[i], revisions[i]
+                cleaned = clean_revision(rev.text, critique=cleaned_critiques[i], request=pr.revision)
+                status, reason = classify_revision(
+                    cleaned.text, previous=p.current, critique=cleaned_critiques[i],
+                    finish_reason=rev.finish_reason, max_tokens=cfg.revision_max_tokens,
+                    max_chars=cfg.max_revision_chars, max_growth=cfg.max_growth, rules=cleaned.rules)
+                if notes[i]:
+                    reason = "; ".join([*([reason] if reason else []), *notes[i]])
+                seeds = {"critique_seed": c_params.sample_seed(i), "revision_seed": r_params.sample_seed(i)}
+                rows.append({
+                    "revision_id": p.ids[round_ - 1], "generation_id": p.generation_id, "round": round_,
+                    "principle_id": pr.id, "constitution_hash": constitution.hash,
+                    "critique_request": pr.critique, "critique": cleaned_critiques[i], "raw_critique": crit.text,
+                    "revision_request": pr.revision, "revision": cleaned.text, "raw_revision": rev.text,
+                    "cleaning": cleaned.rules, "status": status, "reason": reason,
+                    "parent_revision_id": p.current_id, "critique_tokens": crit.num_tokens,
+                    "revision_tokens": rev.num_tokens, "finish_reason": rev.finish_reason,
+                    "model_id": model_id, "engine": cfg.engine, "seed": seeds["revision_seed"],
+                    "params": json.dumps({"critique": c_params.to_dict() | {"seed": seeds["critique_seed"]},
+                                          "revision": r_params.to_dict() | {"seed": seeds["revision_seed"]},
+                                          "few_shot": len(examples), "max_context": cfg.max_context,
+                                          "max_revision_chars": cfg.max_revision_chars,
+                                          "max_growth": cfg.max_growth}),
+                    "params_hash": params_hash,
+                })
+            # The next round builds on this one whether or not the writer has stored it yet.
+            for p, row in zip(active, rows, strict=True):
+                p.record(row)
+            yield rows
+
+
+def start_critique_run(store: Store, cfg: CritiqueConfig, constitution: Constitution, model_id: str,
+                       model_path: str) -> str:
+    run_id = store.start_run("critique", {**cfg.model_dump(), "constitution_hash": constitution.hash,
+                                          "params_hash": cfg.params_hash(constitution)})
+    with store.write() as con:
+        store.register_constitution(constitution, con=con)
+        store.register_model(model_id, "base", model_path, con=con)
+    return run_id
+
+
 def run_critique(store: Store, cfg: CritiqueConfig, *, engine: Engine | None = None,
                  progress: bool = True) -> dict[str, Any]:
     """Fill ``revisions`` for the selected generations (missing rounds only); returns a summary."""
+    from cai.generate import write_rows
+
     started = time.time()
     constitution = load_constitution(resolve_constitution(cfg.constitution))
     model_id, model_path = resolve_in_store(store, cfg.model)
@@ -277,88 +372,23 @@ def run_critique(store: Store, cfg: CritiqueConfig, *, engine: Engine | None = N
         "generations": len(pending), "rounds": cfg.rounds, "constitution_hash": constitution.hash,
         "model_id": model_id, "engine": cfg.engine, "params_hash": cfg.params_hash(constitution),
         "already_done": len(pending) * cfg.rounds - rounds_left, "revised": 0, "status": {},
+        **shard_note(cfg.shard),
     }
     if not todo:
         summary["seconds"] = round(time.time() - started, 2)
         return summary
 
-    run_id = store.start_run("critique", {**cfg.model_dump(), "constitution_hash": constitution.hash,
-                                          "params_hash": summary["params_hash"]})
-    with store.write() as con:
-        store.register_constitution(constitution, con=con)
-        store.register_model(model_id, "base", model_path, con=con)
-    engine = engine or get_engine(cfg.engine, model_path, **cfg.engine_options)
-    examples = constitution.examples[:n_examples(constitution, cfg.few_shot)]
-    budget = cfg.max_context - cfg.critique_max_tokens - cfg.revision_max_tokens
+    run_id = start_critique_run(store, cfg, constitution, model_id, model_path)
     statuses: Counter[str] = Counter()
-    tokens, engine_seconds = 0, 0.0
+    tokens, stats = 0, {}
     bar = tqdm(total=rounds_left, desc=f"critique ({cfg.engine})", unit="revision", disable=not progress)
     try:
-        for start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[start:start + cfg.batch_size]
-            for round_ in range(1, cfg.rounds + 1):
-                active = [p for p in chunk if p.next_round == round_]
-                if not active:
-                    continue
-                # 1. principles and critique prompts
-                principles = [pick_principle(constitution, cfg.seed, p.generation_id, round_) for p in active]
-                convs, notes = [], []
-                for p, principle in zip(active, principles, strict=True):
-                    shots = example_turns(constitution, examples, principle)
-
-                    def build(s, drop, p=p, principle=principle):
-                        earlier = p.carried[drop:]
-                        return critique_conversation(p.messages, p.initial, earlier, principle, s), len(p.carried)
-
-                    conv, note = fit(engine, shots, build, budget)
-                    convs.append(conv)
-                    notes.append(note)
-                # 2. one engine call for every critique of this round, then one for every revision
-                c_params = cfg.critique_params(call_seed(cfg.seed, round_, "critique", start))
-                r_params = cfg.revision_params(call_seed(cfg.seed, round_, "revision", start))
-                t0 = time.time()
-                critiques = [c[0] for c in engine.chat(convs, c_params)]
-                cleaned_critiques = [clean_critique(c.text, request=pr.critique).text
-                                     for c, pr in zip(critiques, principles, strict=True)]
-                rev_convs = [revision_conversation(conv, crit, pr)
-                             for conv, crit, pr in zip(convs, cleaned_critiques, principles, strict=True)]
-                revisions = [c[0] for c in engine.chat(rev_convs, r_params)]
-                engine_seconds += time.time() - t0
-                # 3. clean, classify, write
-                rows, stamp = [], now()
-                for i, (p, pr) in enumerate(zip(active, principles, strict=True)):
-                    crit, rev = critiques[i], revisions[i]
-                    cleaned = clean_revision(rev.text, critique=cleaned_critiques[i], request=pr.revision)
-                    status, reason = classify_revision(
-                        cleaned.text, previous=p.current, critique=cleaned_critiques[i],
-                        finish_reason=rev.finish_reason, max_tokens=cfg.revision_max_tokens,
-                        max_chars=cfg.max_revision_chars, max_growth=cfg.max_growth, rules=cleaned.rules)
-                    if notes[i]:
-                        reason = "; ".join([*([reason] if reason else []), *notes[i]])
-                    seeds = {"critique_seed": c_params.seed + i, "revision_seed": r_params.seed + i}
-                    row = {
-                        "revision_id": p.ids[round_ - 1], "generation_id": p.generation_id, "round": round_,
-                        "principle_id": pr.id, "constitution_hash": constitution.hash,
-                        "critique_request": pr.critique, "critique": cleaned_critiques[i], "raw_critique": crit.text,
-                        "revision_request": pr.revision, "revision": cleaned.text, "raw_revision": rev.text,
-                        "cleaning": cleaned.rules, "status": status, "reason": reason,
-                        "parent_revision_id": p.current_id, "critique_tokens": crit.num_tokens,
-                        "revision_tokens": rev.num_tokens, "finish_reason": rev.finish_reason,
-                        "model_id": model_id, "engine": cfg.engine, "seed": seeds["revision_seed"],
-                        "params": json.dumps({"critique": c_params.to_dict() | {"seed": seeds["critique_seed"]},
-                                              "revision": r_params.to_dict() | {"seed": seeds["revision_seed"]},
-                                              "few_shot": len(examples), "max_context": cfg.max_context,
-                                              "max_revision_chars": cfg.max_revision_chars,
-                                              "max_growth": cfg.max_growth}),
-                        "params_hash": summary["params_hash"], "run_id": run_id, "created_at": stamp,
-                    }
-                    rows.append(row)
-                    tokens += crit.num_tokens + rev.num_tokens
-                summary["revised"] += store.insert("revisions", rows)
-                for p, row in zip(active, rows, strict=True):
-                    p.record(row)
-                    statuses[row["status"]] += 1
-                bar.update(len(rows))
+        for rows in compute_critique(cfg, constitution, model_id, model_path, todo, engine=engine, stats=stats):
+            summary["revised"] += write_rows(store, "revisions", rows, run_id)
+            for row in rows:
+                statuses[row["status"]] += 1
+                tokens += row["critique_tokens"] + row["revision_tokens"]
+            bar.update(len(rows))
     except BaseException as e:
         summary["status"] = dict(statuses)
         store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
@@ -366,6 +396,7 @@ def run_critique(store: Store, cfg: CritiqueConfig, *, engine: Engine | None = N
         raise
     finally:
         bar.close()
+    engine_seconds = stats.get("engine_seconds", 0.0)
     summary["status"] = dict(statuses)
     summary["tokens"] = tokens
     summary["seconds"] = round(time.time() - started, 2)

@@ -90,7 +90,7 @@ def _judge_pairs(store: Store, cfg: EvaluateConfig, prompts: list[dict[str, Any]
             chunk = todo[start:start + cfg.batch_size]
             inputs = [PairInput(x["comparison_id"], x["prompt"]["messages"], x["a"]["text"] or "",
                                 x["b"]["text"] or "") for x in chunk]
-            verdicts = judge.judge(inputs, seed_offset=cfg.seed + start)
+            verdicts = judge.judge(inputs, seed_offset=cfg.seed)  # cot: seeded per pair, not by position
             facts["comparisons_new"] += store.insert("comparisons", [row(
                 x, principle_ids=v.principle_ids, p_a_first=v.p_a_first, p_a_swapped=v.p_a_swapped, p_a=v.p_a,
                 position_consistent=v.position_consistent, score_a=v.score_a, score_b=v.score_b,

@@ -1,6 +1,6 @@
 """Stage 1: sample responses from a policy model for the prompts in the store.
 
-Resumable by construction: a generation's id is a hash of (prompt, model, sampling parameters,
+Resumable and shardable by construction: a generation's id is a hash of (prompt, model, sampling parameters,
 sample index), so a re-run computes the ids it would write, asks the store which exist, and
 generates only the missing ones. Work is written in chunks of ``batch_size`` prompts, each
 chunk one engine call (the engine batches internally) and one short write transaction.
@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from cai.engines import Engine, SamplingParams, get_engine, sample_seed
+from cai.engines import Engine, SamplingParams, get_engine, item_seed
 from cai.models import DEFAULT_MODEL, resolve_in_store
+from cai.sharding import ShardField, shard_note, take_shard
 from cai.store import Store, content_hash, now
 
 
@@ -40,6 +43,7 @@ class GenerateConfig(BaseModel):
                                                            "split, category and limit).")
     batch_size: int = Field(64, ge=1, description="Prompts per engine call and per write.")
     stage: str = "initial"
+    shard: ShardField = Field(None, description="I/N: only shard I of N (by prompt id); see cai.sharding.")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
@@ -86,77 +90,95 @@ def select_prompts(store: Store, *, split: str | None = None, category: str | No
     return rows
 
 
-def contiguous_chunks(prompts: list[dict[str, Any]], todo: list[dict[str, Any]],
-                      batch_size: int) -> list[tuple[int, list[dict[str, Any]]]]:
-    """``todo`` cut into chunks of at most ``batch_size`` prompts that sit next to each other in
-    ``prompts``, each with the index of its first prompt there (what its seed is offset by)."""
-    index = {p["prompt_id"]: k for k, p in enumerate(prompts)}
-    chunks: list[tuple[int, list[dict[str, Any]]]] = []
-    for p in todo:
-        k = index[p["prompt_id"]]
-        if chunks and len(chunks[-1][1]) < batch_size and index[chunks[-1][1][-1]["prompt_id"]] == k - 1:
-            chunks[-1][1].append(p)
-        else:
-            chunks.append((k, [p]))
-    return chunks
+@dataclass
+class GeneratePlan:
+    """What a generate run has to do, read from the store by the driver (workers never open it)."""
+
+    model_id: str
+    model_path: str
+    params: SamplingParams
+    todo: list[dict[str, Any]]  # prompts with at least one missing sample, each with its "ids"
+    summary: dict[str, Any]
 
 
-def run_generate(store: Store, cfg: GenerateConfig, *, engine: Engine | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """Fill ``generations`` for the selected prompts; returns a summary."""
-    started = time.time()
+def plan_generate(store: Store, cfg: GenerateConfig) -> GeneratePlan:
     model_id, model_path = resolve_in_store(store, cfg.model)
     params = cfg.sampling()
     prompts = select_prompts(store, split=cfg.split, category=cfg.category, limit=cfg.limit,
                              prompt_ids=cfg.prompt_ids)
     if not prompts:
         raise LookupError(f"no prompts in {store.path} match; load some with `cai ingest FILE`")
-
-    wanted = {p["prompt_id"]: [generation_id(p["prompt_id"], model_id, params, i, cfg.stage) for i in range(cfg.n)]
-              for p in prompts}
-    have = store.existing_ids("generations", "generation_id", [g for ids in wanted.values() for g in ids])
-    todo = [p for p in prompts if not set(wanted[p["prompt_id"]]) <= have]
+    prompts = take_shard(prompts, cfg.shard, lambda p: p["prompt_id"])
+    for p in prompts:
+        p["ids"] = [generation_id(p["prompt_id"], model_id, params, i, cfg.stage) for i in range(cfg.n)]
+    have = store.existing_ids("generations", "generation_id", [g for p in prompts for g in p["ids"]])
+    todo = [p for p in prompts if not set(p["ids"]) <= have]
     summary: dict[str, Any] = {"prompts": len(prompts), "already_done": len(prompts) - len(todo),
-                               "generated": 0, "tokens": 0, "model_id": model_id, "engine": cfg.engine}
-    if not todo:
+                               "generated": 0, "tokens": 0, "model_id": model_id, "engine": cfg.engine,
+                               **shard_note(cfg.shard)}
+    return GeneratePlan(model_id, str(model_path), params, todo, summary)
+
+
+def compute_generate(cfg: GenerateConfig, plan: GeneratePlan, *, engine: Engine | None = None,
+                     stats: dict[str, Any] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Rows for ``plan.todo``, one list per engine call of ``batch_size`` prompts; no store access,
+    so a Ray worker can run it. Rows lack ``run_id`` and ``created_at`` (the writer sets them)."""
+    engine = engine or get_engine(cfg.engine, plan.model_path, **cfg.engine_options)
+    params, stats = plan.params, stats if stats is not None else {}
+    params_json = json.dumps(params.to_dict())
+    for start in range(0, len(plan.todo), cfg.batch_size):
+        chunk = plan.todo[start:start + cfg.batch_size]
+        # Each prompt's seed comes from its id, so it samples the same text in a first run, a resumed
+        # one or any shard, whatever else is in its engine call.
+        chunk_params = replace(params, request_seeds=tuple(item_seed(params.seed, p["prompt_id"]) for p in chunk))
+        t0 = time.time()
+        outputs = engine.chat([p["messages"] for p in chunk], chunk_params)
+        stats["engine_seconds"] = stats.get("engine_seconds", 0.0) + time.time() - t0
+        rows = []
+        for k, (p, completions) in enumerate(zip(chunk, outputs, strict=True)):
+            for i, c in enumerate(completions):
+                rows.append({
+                    "generation_id": p["ids"][i], "prompt_id": p["prompt_id"],
+                    "stage": cfg.stage, "model_id": plan.model_id, "engine": cfg.engine, "sample_index": i,
+                    "seed": chunk_params.sample_seed(k, i), "params": params_json, "params_hash": params.hash(),
+                    "text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
+                    "num_tokens": c.num_tokens, "finish_reason": c.finish_reason,
+                })
+        yield rows
+
+
+def write_rows(store: Store, table: str, rows: list[dict[str, Any]], run_id: str | None) -> int:
+    """Insert computed rows (``ON CONFLICT DO NOTHING``), stamping the run and time; rows written."""
+    stamp = now()
+    return store.insert(table, [{**r, "run_id": run_id, "created_at": stamp} for r in rows])
+
+
+def run_generate(store: Store, cfg: GenerateConfig, *, engine: Engine | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Fill ``generations`` for the selected prompts; returns a summary."""
+    started = time.time()
+    plan = plan_generate(store, cfg)
+    summary = plan.summary
+    if not plan.todo:
         summary["seconds"] = round(time.time() - started, 2)
         return summary
 
     run_id = store.start_run("generate", cfg.model_dump())
-    store.register_model(model_id, "base", model_path)
-    engine = engine or get_engine(cfg.engine, model_path, **cfg.engine_options)
-    params_json = json.dumps(params.to_dict())
-    gen_seconds = 0.0
-    bar = tqdm(total=len(todo), desc=f"generate ({cfg.engine})", unit="prompt", disable=not progress)
+    store.register_model(plan.model_id, "base", plan.model_path)
+    stats: dict[str, Any] = {}
+    bar = tqdm(total=len(plan.todo), desc=f"generate ({cfg.engine})", unit="prompt", disable=not progress)
     try:
-        for first, chunk in contiguous_chunks(prompts, todo, cfg.batch_size):
-            # Request i of an engine call samples with seed + i, so offsetting the seed by the chunk's
-            # position among *all* selected prompts gives every prompt the same seed whether it is
-            # generated in a first run or in a resumed one.
-            chunk_params = SamplingParams(**{**params.to_dict(), "seed": params.seed + first})
-            t0 = time.time()
-            outputs = engine.chat([p["messages"] for p in chunk], chunk_params)
-            gen_seconds += time.time() - t0
-            rows, stamp = [], now()
-            for k, (p, completions) in enumerate(zip(chunk, outputs, strict=True)):
-                for i, c in enumerate(completions):
-                    rows.append({
-                        "generation_id": wanted[p["prompt_id"]][i], "prompt_id": p["prompt_id"],
-                        "stage": cfg.stage, "model_id": model_id, "engine": cfg.engine, "sample_index": i,
-                        "seed": sample_seed(chunk_params.seed, k, i), "params": params_json, "params_hash": params.hash(),
-                        "text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
-                        "num_tokens": c.num_tokens, "finish_reason": c.finish_reason,
-                        "run_id": run_id, "created_at": stamp,
-                    })
-                    summary["tokens"] += c.num_tokens
-            summary["generated"] += store.insert("generations", rows)
-            bar.update(len(chunk))
+        for rows in compute_generate(cfg, plan, engine=engine, stats=stats):
+            summary["generated"] += write_rows(store, "generations", rows, run_id)
+            summary["tokens"] += sum(r["num_tokens"] for r in rows)
+            bar.update(len({r["prompt_id"] for r in rows}))
     except BaseException as e:
         store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                          summary, error=repr(e))
         raise
     finally:
         bar.close()
+    gen_seconds = stats.get("engine_seconds", 0.0)
     summary["seconds"] = round(time.time() - started, 2)
     summary["tokens_per_second"] = round(summary["tokens"] / gen_seconds, 1) if gen_seconds else None
     store.finish_run(run_id, "ok", summary)

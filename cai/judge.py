@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cai.engines.base import Engine, SamplingParams
+from cai.engines.base import Engine, SamplingParams, item_seed
 from cai.judge_spec import RATINGS, JudgeSpec
 from cai.store import content_hash
 
@@ -381,10 +381,13 @@ class Judge:
         return chosen, queries
 
     # ---- engine calls --------------------------------------------------------------------------
-    def _reason(self, queries: list[_Query], seed: int) -> None:
+    def _reason(self, queries: list[_Query], seed: int, keys: Sequence[tuple[Any, ...]] = ()) -> None:
+        """``keys``: one identity per query (pair key, principle, view); each query's sample is then
+        seeded by its identity, not its position, so a pair reasons the same in any batch or shard."""
         s = self.spec.effective_sampling()
         params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                seed=seed, stop=tuple(s.stop))
+                                seed=seed, stop=tuple(s.stop),
+                                request_seeds=tuple(item_seed(seed, *k) for k in keys))
         prefix = self.spec.prompt.reasoning_prefix or ""
         prompts = [self.engine.render(q.conversation, assistant_prefix=prefix) for q in queries]
         outs = self.engine.generate(prompts, params)
@@ -417,7 +420,8 @@ class Judge:
             return []
         chosen, queries = self.build_queries(pairs)
         if self.spec.method == "cot":
-            self._reason(queries, self.spec.effective_sampling().seed + seed_offset)
+            self._reason(queries, self.spec.effective_sampling().seed + seed_offset,
+                         [(pairs[q.pair].key, chosen[q.pair][q.principle].id, q.view) for q in queries])
         else:
             for q in queries:
                 q.base = self.engine.render(q.conversation, assistant_prefix=self.spec.prompt.answer_prefix)

@@ -307,7 +307,7 @@ def run_judge_eval(store: Store | None, path: str | Path, spec: JudgeSpec, engin
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
         t0 = time.time()
-        verdicts = judge.judge(chunk, seed_offset=seed + start)
+        verdicts = judge.judge(chunk, seed_offset=seed)  # cot: seeded per pair, not by position
         judge_seconds += time.time() - t0
         for k, v in enumerate(verdicts):
             p = pairs[start + k]

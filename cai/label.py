@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +34,8 @@ from cai.constitution import Constitution, load_constitution, resolve_constituti
 from cai.engines.base import Engine
 from cai.judge import Judge, PairInput, PrincipleRef
 from cai.judge_spec import REPO_ROOT, JudgeSpec, load_judge_spec, resolve_judge_spec
-from cai.store import Store, content_hash, now
+from cai.sharding import ShardField, shard_note, take_shard
+from cai.store import Store, content_hash
 
 PairKind = Literal["initial_vs_revised", "two_samples"]
 EngineKind = Literal["transformers", "vllm", "openai"]
@@ -52,6 +55,7 @@ class LabelConfig(BaseModel):
     limit: int | None = Field(None, ge=1, description="At most this many pairs (in a stable order).")
     batch_size: int = Field(32, ge=1, description="Pairs per engine call and per write.")
     seed: int = Field(0, description="Seeds the principle draw per pair (and cot sampling).")
+    shard: ShardField = Field(None, description="I/N: only shard I of N (by comparison id); see cai.sharding.")
 
 
 def principle_refs(constitution: Constitution) -> list[PrincipleRef]:
@@ -116,12 +120,22 @@ def judge_engine(spec: JudgeSpec, model_path: str, engine: str | None = None,
     return get_engine(kind, model_path, **{**base, **(engine_options or {})})
 
 
-def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Fill ``comparisons`` for the pairs in the store; returns a summary."""
+@dataclass
+class LabelPlan:
+    """What a label run has to do, read from the store by the driver (workers never open it)."""
+
+    spec: JudgeSpec
+    constitution: Constitution
+    engine_kind: str
+    judge_model_id: str
+    judge_path: str
+    todo: list[dict[str, Any]]  # pairs, each with its comparison_id
+    summary: dict[str, Any]
+
+
+def plan_label(store: Store, cfg: LabelConfig) -> LabelPlan:
     from cai.models import resolve_in_store
 
-    started = time.time()
     spec = load_spec(cfg.judge)
     constitution = find_constitution(cfg.constitution)
     engine_kind = cfg.engine or spec.engine
@@ -130,7 +144,7 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
     pairs = select_pairs(store, list(cfg.pairs), generation_stage=cfg.generation_stage, split=cfg.split)
     summary: dict[str, Any] = {"judge": spec.name, "judge_spec_hash": spec.hash, "method": spec.method,
                                "constitution_hash": constitution.hash, "judge_model_id": judge_model_id,
-                               "engine": engine_kind, "candidates": len(pairs)}
+                               "engine": engine_kind, "candidates": len(pairs), **shard_note(cfg.shard)}
     identical = [p for p in pairs if (p["a_text"] or "").strip() == (p["b_text"] or "").strip()]
     pairs = [p for p in pairs if (p["a_text"] or "").strip() != (p["b_text"] or "").strip()]
     if cfg.limit:
@@ -138,63 +152,92 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
     for p in pairs:
         p["comparison_id"] = comparison_id(p["pair_kind"], p["prompt_id"], p["a_id"], p["b_id"], spec.hash,
                                            constitution.hash, judge_model_id, cfg.seed)
-    have = store.existing_ids("comparisons", "comparison_id", [p["comparison_id"] for p in pairs])
-    todo = [p for p in pairs if p["comparison_id"] not in have]
-    summary.update(pairs=len(pairs), identical_skipped=len(identical), already_done=len(pairs) - len(todo),
-                   labelled=0, invalid=0)
     if not pairs and not identical:
         raise LookupError(
             f"no pairs to label in {store.path}: run `cai generate --n 2` (two_samples) or the critique "
             "stage (initial_vs_revised) first")
-    if not todo:
-        summary["seconds"] = round(time.time() - started, 2)
-        return summary
+    pairs = take_shard(pairs, cfg.shard, lambda p: p["comparison_id"])
+    have = store.existing_ids("comparisons", "comparison_id", [p["comparison_id"] for p in pairs])
+    todo = [p for p in pairs if p["comparison_id"] not in have]
+    summary.update(pairs=len(pairs), identical_skipped=len(identical), already_done=len(pairs) - len(todo),
+                   labelled=0, invalid=0)
+    return LabelPlan(spec, constitution, engine_kind, judge_model_id, str(judge_path), todo, summary)
 
-    run_id = store.start_run("label", {**cfg.model_dump(), "judge_spec_hash": spec.hash,
-                                       "constitution_hash": constitution.hash})
-    with store.write() as con:
-        store.register_constitution(constitution, con=con)
-        store.register_model(judge_model_id, "base", judge_path, con=con)
-    engine = engine or judge_engine(spec, judge_path, cfg.engine, cfg.engine_options)
+
+def compute_label(cfg: LabelConfig, plan: LabelPlan, *, engine: Engine | None = None,
+                  stats: dict[str, Any] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Comparison rows for ``plan.todo``, one list per chunk of ``batch_size`` pairs; no store
+    access, so a Ray worker can run it. Rows lack ``run_id`` and ``created_at`` (the writer's)."""
+    spec, constitution, stats = plan.spec, plan.constitution, stats if stats is not None else {}
+    engine = engine or judge_engine(spec, plan.judge_path, cfg.engine, cfg.engine_options)
     judge = Judge(spec, engine, principle_refs(constitution), seed=cfg.seed)
     params = json.dumps({"top_k": spec.top_k, "min_option_prob": spec.min_option_prob,
                          "both_orderings": spec.both_orderings, "principles": spec.principles.model_dump(),
                          "clamp": spec.effective_clamp,
                          "sampling": spec.effective_sampling().model_dump() if spec.method == "cot" else None,
                          "answer_tokens": judge.answer.pieces})
-    judge_seconds = 0.0
-    bar = tqdm(total=len(todo), desc=f"label ({spec.name}, {engine_kind})", unit="pair", disable=not progress)
+    for start in range(0, len(plan.todo), cfg.batch_size):
+        chunk = plan.todo[start:start + cfg.batch_size]
+        inputs = [PairInput(p["comparison_id"], p["messages"], p["a_text"], p["b_text"]) for p in chunk]
+        t0 = time.time()
+        # cot samples are seeded per pair (its comparison id), not by the pair's position in the run.
+        verdicts = judge.judge(inputs, seed_offset=cfg.seed)
+        stats["engine_seconds"] = stats.get("engine_seconds", 0.0) + time.time() - t0
+        rows = []
+        for p, v in zip(chunk, verdicts, strict=True):
+            rows.append({
+                "comparison_id": p["comparison_id"], "prompt_id": p["prompt_id"], "pair_kind": p["pair_kind"],
+                "response_a_id": p["a_id"], "response_b_id": p["b_id"],
+                "response_a": p["a_text"], "response_b": p["b_text"],
+                "principle_ids": v.principle_ids, "constitution_hash": constitution.hash,
+                "judge_name": spec.name, "judge_spec_hash": spec.hash, "judge_model_id": plan.judge_model_id,
+                "judge_engine": plan.engine_kind, "method": spec.method,
+                "p_a_first": v.p_a_first, "p_a_swapped": v.p_a_swapped, "p_a": v.p_a,
+                "position_consistent": v.position_consistent, "score_a": v.score_a, "score_b": v.score_b,
+                "raw_output": json.dumps(v.raw), "status": v.status, "reason": v.reason,
+                "seed": cfg.seed, "params": params,
+            })
+        yield rows
+
+
+def start_label_run(store: Store, cfg: LabelConfig, plan: LabelPlan) -> str:
+    run_id = store.start_run("label", {**cfg.model_dump(), "judge_spec_hash": plan.spec.hash,
+                                       "constitution_hash": plan.constitution.hash})
+    with store.write() as con:
+        store.register_constitution(plan.constitution, con=con)
+        store.register_model(plan.judge_model_id, "base", plan.judge_path, con=con)
+    return run_id
+
+
+def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Fill ``comparisons`` for the pairs in the store; returns a summary."""
+    from cai.generate import write_rows
+
+    started = time.time()
+    plan = plan_label(store, cfg)
+    summary = plan.summary
+    if not plan.todo:
+        summary["seconds"] = round(time.time() - started, 2)
+        return summary
+
+    run_id = start_label_run(store, cfg, plan)
+    stats: dict[str, Any] = {}
+    bar = tqdm(total=len(plan.todo), desc=f"label ({plan.spec.name}, {plan.engine_kind})", unit="pair",
+               disable=not progress)
     try:
-        for start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[start:start + cfg.batch_size]
-            inputs = [PairInput(p["comparison_id"], p["messages"], p["a_text"], p["b_text"]) for p in chunk]
-            t0 = time.time()
-            verdicts = judge.judge(inputs, seed_offset=cfg.seed + start)
-            judge_seconds += time.time() - t0
-            rows, stamp = [], now()
-            for p, v in zip(chunk, verdicts, strict=True):
-                rows.append({
-                    "comparison_id": p["comparison_id"], "prompt_id": p["prompt_id"], "pair_kind": p["pair_kind"],
-                    "response_a_id": p["a_id"], "response_b_id": p["b_id"],
-                    "response_a": p["a_text"], "response_b": p["b_text"],
-                    "principle_ids": v.principle_ids, "constitution_hash": constitution.hash,
-                    "judge_name": spec.name, "judge_spec_hash": spec.hash, "judge_model_id": judge_model_id,
-                    "judge_engine": engine_kind, "method": spec.method,
-                    "p_a_first": v.p_a_first, "p_a_swapped": v.p_a_swapped, "p_a": v.p_a,
-                    "position_consistent": v.position_consistent, "score_a": v.score_a, "score_b": v.score_b,
-                    "raw_output": json.dumps(v.raw), "status": v.status, "reason": v.reason,
-                    "seed": cfg.seed, "params": params, "run_id": run_id, "created_at": stamp,
-                })
-                summary["invalid"] += v.status != "ok"
-            summary["labelled"] += store.insert("comparisons", rows)
-            bar.update(len(chunk))
+        for rows in compute_label(cfg, plan, engine=engine, stats=stats):
+            summary["invalid"] += sum(r["status"] != "ok" for r in rows)
+            summary["labelled"] += write_rows(store, "comparisons", rows, run_id)
+            bar.update(len(rows))
     except BaseException as e:
         store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                          summary, error=repr(e))
         raise
     finally:
         bar.close()
+    judge_seconds = stats.get("engine_seconds", 0.0)
     summary["seconds"] = round(time.time() - started, 2)
-    summary["pairs_per_second"] = round(len(todo) / judge_seconds, 3) if judge_seconds else None
+    summary["pairs_per_second"] = round(len(plan.todo) / judge_seconds, 3) if judge_seconds else None
     store.finish_run(run_id, "ok", summary)
     return summary

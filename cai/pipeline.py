@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai.critique import CritiqueConfig
+from cai.distributed import RunnerConfig
 from cai.dpo import DPOConfig
 from cai.evaluate import EvaluateConfig
 from cai.generate import GenerateConfig
@@ -78,6 +79,7 @@ class PipelineConfig(BaseModel):
     engine_options: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
     stages: list[Stage] = Field(default_factory=lambda: ["ingest", "generate"])
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, description="kind: ray fans shardable stages out.")
 
     ingest: IngestSection = Field(default_factory=IngestSection)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
@@ -176,6 +178,29 @@ def stage_config(stage: str, cfg: PipelineConfig, store: Any, produced: dict[str
     return section.model_copy(update=updates) if updates else section
 
 
+def launch_training(stage: str, section: BaseModel, store: Any) -> None:
+    """Train ``stage`` on ``section.num_processes`` processes under `accelerate launch` (the same
+    `cai sft` / `cai train-rm` command with this section as its --config); rank 0 writes the store."""
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from cai.training import accelerate_command
+
+    command = {"sft": "sft", "train_rm": "train-rm"}.get(stage)
+    if command is None:
+        raise ValueError(f"{stage}: num_processes > 1 is supported for sft and train_rm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump(section.model_dump(mode="json")))
+        argv = [command, "--db", str(store.path), "--config", str(path)]
+        result = subprocess.run(accelerate_command(section.num_processes, argv))
+    if result.returncode:
+        raise RuntimeError(f"{stage} under accelerate launch ({section.num_processes} processes) exited "
+                           f"{result.returncode}; its run row in the store says where it stopped")
+
+
 def run_stage(stage: str, cfg: PipelineConfig, store: Any, produced: dict[str, str] | None = None,
               *, progress: bool = False) -> dict[str, Any]:
     """Run one stage of a pipeline against the store; the same functions the CLI calls.
@@ -197,6 +222,12 @@ def run_stage(stage: str, cfg: PipelineConfig, store: Any, produced: dict[str, s
         out["seconds"] = round(time.time() - started, 2)
         return out
     section = stage_config(stage, cfg, store, produced)
+    if stage in TRAINING_STAGES:
+        from cai.engines import clear_engines
+
+        clear_engines()  # a cached vLLM engine holds most of a GPU: free it before training
+        if getattr(section, "num_processes", 1) > 1:
+            launch_training(stage, section, store)  # trains under accelerate; below finds it trained
     if stage == "generate":
         from cai.generate import run_generate
 

@@ -50,7 +50,9 @@ from cai.models import resolve_in_store
 from cai.rm import collate, encode, load_sequence_classifier, load_tokenizer, sequence_rewards, write_meta
 from cai.store import Store, content_hash
 from cai.training import (
+    Dist,
     MetricsBuffer,
+    NoMetrics,
     TrainingConfig,
     autocast_for,
     clip_gradients,
@@ -60,7 +62,6 @@ from cai.training import (
     lr_at,
     make_optimizer,
     model_folder,
-    pick_device,
     save_checkpoint,
     seed_everything,
     sigterm_as_interrupt,
@@ -371,6 +372,7 @@ def train_reward(store: Store, cfg: RewardConfig, *, progress: bool = True,
 
 def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after_steps: int | None) -> dict[str, Any]:
     started = time.time()
+    dist = Dist()  # under `accelerate launch`: this process's rank; rank 0 alone writes
     # ---- data ----
     pairs, snapshot = load_pairs(store, cfg)
     if len(pairs) < 2:
@@ -397,12 +399,14 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
         return summary | {"already_trained": True, "offset": meta.get("offset"),
                           "val": meta.get("val_metrics"), "seconds": round(time.time() - started, 2)}
 
-    run_id = store.start_run("train_rm", {**cfg.model_dump(), "model_id": model_id, "lr": cfg.peak_lr})
-    metrics = MetricsBuffer(store, run_id, model_id)
+    dist.barrier()  # every rank has read the store before rank 0 writes to it
+    run_id = (store.start_run("train_rm", {**cfg.model_dump(), "model_id": model_id, "lr": cfg.peak_lr,
+                                           "processes": dist.world}) if dist.main else "")
+    metrics = MetricsBuffer(store, run_id, model_id) if dist.main else NoMetrics()
     bar = None
     try:
         # ---- model and data on the device ----
-        device = pick_device(cfg)
+        device = dist.device(cfg)
         autocast = autocast_for(cfg, device)
         seed_everything(cfg.seed)
         tokenizer = load_tokenizer(base_path)
@@ -427,7 +431,8 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
 
         # ---- the loop ----
         trainable = [p for p in model.parameters() if p.requires_grad]
-        bar = tqdm(total=total_steps, initial=step, desc="train-rm", unit="step", disable=not progress)
+        bar = tqdm(total=total_steps, initial=step, desc="train-rm", unit="step",
+                   disable=not progress or not dist.main)
         pairs_seen, train_seconds, last_val = 0, 0.0, {}
         loop_started = time.time()
         while step < total_steps:
@@ -440,8 +445,9 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
             step_indices = stream[step * pairs_per_step:(step + 1) * pairs_per_step]
             n_step = len(step_indices)
             loss_sum, right, decided = 0.0, 0.0, 0
-            for m in range(0, n_step, cfg.batch_size):
-                chunk = step_indices[m:m + cfg.batch_size]
+            mine = dist.mine(step_indices)
+            for m in range(0, len(mine), cfg.batch_size):
+                chunk = mine[m:m + cfg.batch_size]
                 input_ids, mask, p_a = micro_batch(train, chunk, pad_id)
                 input_ids, mask, p_a = input_ids.to(device), mask.to(device), p_a.to(device)
                 with autocast():
@@ -457,6 +463,8 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
                 loss_sum += float(per_pair.detach().sum())
                 ok, n = agreement(r_a.detach(), r_b.detach(), p_a)
                 right, decided = right + ok, decided + n
+            dist.sum_gradients(trainable)  # several processes: the whole step's gradient on each
+            loss_sum, right, decided = dist.sum(loss_sum), dist.sum(right), int(dist.sum(decided))
             grad_norm = clip_gradients(trainable, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -474,7 +482,8 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
                 metrics.add(step, "val", last_val)
             if step % cfg.save_every == 0 and step < total_steps:
                 metrics.flush()
-                save_checkpoint(ckpt_dir, step, model, optimizer, ckpt_meta, cfg.keep_checkpoints)
+                if dist.main:
+                    save_checkpoint(ckpt_dir, step, model, optimizer, ckpt_meta, cfg.keep_checkpoints)
             elif step % cfg.log_every == 0:
                 metrics.flush()
         bar.close()
@@ -486,10 +495,12 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
 
         if step < total_steps:  # stopped part-way on purpose: leave a checkpoint to resume from
             metrics.flush()
-            if step > start_step:
+            if step > start_step and dist.main:
                 save_checkpoint(ckpt_dir, step, model, optimizer, ckpt_meta, cfg.keep_checkpoints)
             summary["finished"] = False
-            store.finish_run(run_id, "stopped", summary)
+            if dist.main:
+                store.finish_run(run_id, "stopped", summary)
+            dist.barrier()
             return summary | {"run_id": run_id, "seconds": round(time.time() - started, 2)}
 
         # ---- finish: evaluate, centre, save, register ----
@@ -502,6 +513,9 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
         offset = float(torch.cat([r_a, r_b]).mean())
         metrics.add(step, "val", {"offset": offset})
         metrics.flush()
+        if not dist.main:  # rank 0 saves and registers the model
+            dist.barrier()
+            return summary | {"run_id": run_id, "rank": dist.rank}
         if cfg.lora:
             model = model.merge_and_unload()
         model.config.pad_token_id = pad_id
@@ -521,6 +535,7 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
                     "val": {k: round(v, 4) for k, v in val_metrics.items()}}
         summary["seconds"] = round(time.time() - started, 2)
         store.finish_run(run_id, "ok", summary)
+        dist.barrier()
         return summary | {"run_id": run_id}
     except BaseException as e:
         if bar is not None:
@@ -528,6 +543,7 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
         try:
             metrics.flush()
         finally:
-            store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                             summary, error=repr(e))
+            if dist.main:
+                store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                                 summary, error=repr(e))
         raise

@@ -46,7 +46,9 @@ from cai import training
 from cai.models import DEFAULT_MODEL, resolve_in_store
 from cai.store import Store, content_hash
 from cai.training import (
+    Dist,
     MetricsBuffer,
+    NoMetrics,
     TrainingConfig,
     autocast_for,
     clip_gradients,
@@ -56,7 +58,6 @@ from cai.training import (
     lr_at,
     make_optimizer,
     model_folder,
-    pick_device,
     save_checkpoint,
     seed_everything,
     sigterm_as_interrupt,
@@ -241,6 +242,7 @@ def run_sft(store: Store, cfg: SFTConfig, *, progress: bool = True,
 
 def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: int | None) -> dict[str, Any]:
     started = time.time()
+    dist = Dist()  # under `accelerate launch`: this process's rank; rank 0 alone writes
     pairs, snapshot = load_sl_pairs(store, cfg)
     if not pairs:
         raise LookupError(f"{store.path} has no SL-CAI pairs (sl_cai rows with an ok revision; filters "
@@ -263,11 +265,12 @@ def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: 
         return summary | {"already_trained": True, "val": meta.get("val_metrics"),
                           "seconds": round(time.time() - started, 2)}
 
-    run_id = store.start_run("sft", {**params, "model_id": model_id})
-    metrics = MetricsBuffer(store, run_id, model_id)
+    dist.barrier()  # every rank has read the store before rank 0 writes to it
+    run_id = store.start_run("sft", {**params, "model_id": model_id, "processes": dist.world}) if dist.main else ""
+    metrics = MetricsBuffer(store, run_id, model_id) if dist.main else NoMetrics()
     bar = None
     try:
-        device = pick_device(cfg)
+        device = dist.device(cfg)
         autocast = autocast_for(cfg, device)
         seed_everything(cfg.seed)
         tokenizer = load_tokenizer(base_path)
@@ -292,7 +295,7 @@ def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: 
         start_step = step
 
         trainable = [p for p in model.parameters() if p.requires_grad]
-        bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", disable=not progress)
+        bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", disable=not progress or not dist.main)
         tokens_seen, train_seconds, last_val = 0, 0.0, {}
         first_loss = None
         while step < total_steps:
@@ -305,13 +308,16 @@ def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: 
             batch = [train[i] for i in stream[step * per_step:(step + 1) * per_step]]
             n_tokens = max(sum(e.n_target for e in batch), 1)
             loss_sum = 0.0
-            for m in range(0, len(batch), cfg.batch_size):
-                input_ids, mask, labels = collate(batch[m:m + cfg.batch_size], pad_id)
+            mine = dist.mine(batch)
+            for m in range(0, len(mine), cfg.batch_size):
+                input_ids, mask, labels = collate(mine[m:m + cfg.batch_size], pad_id)
                 with autocast():
                     nll, _ = response_nll(model, input_ids.to(device), mask.to(device), labels.to(device))
                 # Divide by the step's token count: the gradient is the per-token mean over the whole step.
                 (nll / n_tokens).backward()
                 loss_sum += float(nll.detach())
+            dist.sum_gradients(trainable)  # several processes: the whole step's gradient on each
+            loss_sum = dist.sum(loss_sum)
             grad_norm = clip_gradients(trainable, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -328,7 +334,8 @@ def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: 
                 metrics.add(step, "val", last_val)
             if step % cfg.save_every == 0 and step < total_steps:
                 metrics.flush()
-                save_checkpoint(ckpt_dir, step, model, optimizer, ckpt_meta, cfg.keep_checkpoints)
+                if dist.main:
+                    save_checkpoint(ckpt_dir, step, model, optimizer, ckpt_meta, cfg.keep_checkpoints)
             elif step % cfg.log_every == 0:
                 metrics.flush()
         bar.close()
@@ -339,16 +346,21 @@ def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: 
 
         if step < total_steps:  # stopped part-way on purpose: leave a checkpoint to resume from
             metrics.flush()
-            if step > start_step:
+            if step > start_step and dist.main:
                 save_checkpoint(ckpt_dir, step, model, optimizer, ckpt_meta, cfg.keep_checkpoints)
             summary["finished"] = False
-            store.finish_run(run_id, "stopped", summary)
+            if dist.main:
+                store.finish_run(run_id, "stopped", summary)
+            dist.barrier()
             return summary | {"run_id": run_id, "seconds": round(time.time() - started, 2)}
 
         val_metrics = evaluate(model, val, cfg, pad_id, device, autocast) if val else {}
         if val_metrics:
             metrics.add(step, "val", val_metrics)
         metrics.flush()
+        if not dist.main:  # rank 0 saves and registers the model
+            dist.barrier()
+            return summary | {"run_id": run_id, "rank": dist.rank}
         if cfg.lora:
             model = model.merge_and_unload()
         model.config.pad_token_id = pad_id
@@ -364,6 +376,7 @@ def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: 
         summary |= {"finished": True, "val": {k: round(v, 4) for k, v in val_metrics.items()},
                     "seconds": round(time.time() - started, 2)}
         store.finish_run(run_id, "ok", summary)
+        dist.barrier()
         return summary | {"run_id": run_id}
     except BaseException as e:
         if bar is not None:
@@ -371,6 +384,7 @@ def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: 
         try:
             metrics.flush()
         finally:
-            store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                             summary, error=repr(e))
+            if dist.main:
+                store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                                 summary, error=repr(e))
         raise

@@ -28,7 +28,7 @@ from cai.store import Store, content_hash, now
 # Fields that change how a run is carried out but not which model comes out of it; they are left
 # out of the model id, so changing them does not start a new model (or break a resume).
 RUNTIME_FIELDS = {"model_id", "output_dir", "eval_every", "save_every", "keep_checkpoints", "log_every",
-                  "eval_batch_size", "device"}
+                  "eval_batch_size", "device", "num_processes"}
 
 
 class TrainingConfig(BaseModel):
@@ -66,6 +66,8 @@ class TrainingConfig(BaseModel):
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on a GPU that supports it, float32 elsewhere.")
     device: str | None = Field(None, description="cuda, cpu, ... (default: cuda if available).")
+    num_processes: int = Field(1, ge=1, description="Processes under `accelerate launch` (data parallel; "
+                                                    "the run file's stage launches them).")
     # --- bookkeeping ---
     eval_every: int = Field(50, ge=1, description="Steps between validation passes (and one at the end).")
     eval_batch_size: int = Field(8, ge=1)
@@ -287,3 +289,95 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# =============================================================================================
+# Several processes (`accelerate launch` / torchrun): data parallel with one writer
+# =============================================================================================
+# Each process takes every world-th example of an optimizer step's batch, gradients are summed
+# across processes (one all-reduce per step: what DDP does, without its per-micro-batch syncs)
+# and every process applies the same update, so N processes with the same global batch follow
+# the single-process loss curve. Only rank 0 touches the store and writes checkpoints and models.
+T = TypeVar("T")
+
+
+class Dist:
+    def __init__(self) -> None:
+        import os
+
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.main = self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def device(self, cfg: TrainingConfig) -> torch.device:
+        if self.active and torch.cuda.is_available() and not cfg.device:
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return pick_device(cfg)
+
+    def mine(self, items: list[T]) -> list[T]:
+        """This process's share of one step's examples."""
+        return items[self.rank::self.world] if self.active else items
+
+    def sum_gradients(self, params: Sequence[torch.Tensor]) -> None:
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g).clone()
+            offset += n
+
+    def sum(self, value: float) -> float:
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+class NoMetrics(MetricsBuffer):
+    """What ranks other than 0 log: nothing."""
+
+    def __init__(self) -> None:
+        self.rows = []
+
+    def add(self, step: int, split: str, values: dict[str, float]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def accelerate_command(num_processes: int, argv: Sequence[str]) -> list[str]:
+    """``accelerate launch`` of ``python -m cai.cli ARGV`` on ``num_processes`` processes (DDP; on a
+    machine without GPUs torchrun starts CPU processes that talk over gloo)."""
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "cai.cli", *argv]

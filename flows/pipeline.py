@@ -110,11 +110,94 @@ def stage_task(stage: str, cfg: PipelineConfig, produced: dict[str, str] | None 
     return summary
 
 
+@task(name="cai-shard", task_run_name="{shard.stage}-{shard.index}-of-{shard.count}", retries=2,
+      retry_delay_seconds=2, cache_policy=NO_CACHE)
+def shard_task(shard: Any) -> list[dict[str, Any]]:
+    """One shard of a stage on a Ray worker: loads its engine once, returns rows (never opens the store)."""
+    from cai.distributed import compute_shard
+
+    return compute_shard(shard)
+
+
+@flow(name="cai_sharded_stage", log_prints=True)
+def sharded_stage(stage: str, cfg: PipelineConfig, produced: dict[str, str] | None = None) -> dict[str, Any]:
+    """Fan a stage's shards out as concurrent tasks on the flow's task runner (a RayTaskRunner);
+    write their rows here, in batches, as each shard finishes."""
+    from prefect.futures import as_completed
+    from prefect_ray.context import remote_options
+
+    from cai.distributed import ShardWriter, plan_shards
+    from cai.pipeline import stage_config
+
+    logger = get_run_logger()
+    store = Store(cfg.db) if cfg.db else Store()
+    started = time.time()
+    section = stage_config(stage, cfg, store, dict(produced or {}))
+    whole, shards = plan_shards(stage, section, store, cfg.runner.shards)
+    if not shards:
+        return {**whole.summary, "written": 0, "seconds": round(time.time() - started, 2)}
+    writer = ShardWriter(store, stage, section, whole, batch=cfg.runner.write_batch)
+    try:
+        with remote_options(**cfg.runner.remote_options()):
+            futures = [shard_task.submit(s) for s in shards]
+        for fut in as_completed(futures):
+            n = writer.add(fut.result())
+            logger.info("%s: a shard returned; %d rows written", stage, n)
+    except BaseException as e:
+        writer.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=repr(e))
+        raise
+    summary = writer.finish()
+    summary.update(shards=len(shards), seconds=round(time.time() - started, 2))
+    publish(stage, summary, summary["seconds"], store)
+    return summary
+
+
+def ray_stage(stage: str, cfg: PipelineConfig, produced: dict[str, str]) -> dict[str, Any]:
+    from prefect_ray import RayTaskRunner
+
+    from cai.distributed import default_ray_env
+
+    r = cfg.runner
+    init = {"runtime_env": {"env_vars": {**default_ray_env(), **_prefect_api_env()}}, **r.init_kwargs}
+    address = None if r.address in (None, "auto") and not _ray_cluster_running() else r.address
+    runner = RayTaskRunner(address=address, init_kwargs=init)
+    return sharded_stage.with_options(task_runner=runner, flow_run_name=f"{stage}-x{r.shards}")(stage, cfg, produced)
+
+
+def _prefect_api_env() -> dict[str, str]:
+    """The driver's Prefect API for the shard tasks (otherwise each Ray worker would start an ephemeral
+    server of its own). On a multi-node cluster use a Prefect server the nodes reach (PREFECT_API_URL)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return {"PREFECT_API_URL": str(client.api_url).rstrip("/")}
+
+
+def _ray_cluster_running() -> bool:
+    """``address: auto`` joins a running cluster (RAY_ADDRESS or one started here), else starts one."""
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        return bool(find_gcs_addresses())
+    except Exception:  # noqa: BLE001 - private API moved: let ray.init decide
+        return True
+
+
 def run_stages(cfg: PipelineConfig, stages: list[str]) -> dict[str, Any]:
-    """Run stages in order inside the current flow, handing each training stage's model to the next."""
+    """Run stages in order inside the current flow, handing each training stage's model to the next.
+    With ``runner: {kind: ray}`` the shardable stages fan out over a Ray cluster."""
+    from cai.distributed import SHARDABLE
+
     results: dict[str, Any] = {}
     produced: dict[str, str] = {}
     for stage in stages:
+        if cfg.runner.kind == "ray" and stage in SHARDABLE:
+            results[stage] = ray_stage(stage, cfg, produced)
+            continue
         summary = stage_task(stage, cfg, produced)
         results[stage] = summary
         if stage in TRAINING_STAGES and isinstance(summary, dict) and summary.get("model_id"):
@@ -127,7 +210,22 @@ def cai_pipeline(run_file: str = "pipeline.yaml", stages: list[str] | None = Non
     """ingest → generate → critique → sft → label → train-rm → ppo/dpo → evaluate, as the run file says."""
     cfg = load_pipeline(run_file)
     todo = [s for s in cfg.ordered_stages() if stages is None or s in stages]
-    return run_stages(cfg, todo)
+    with store_writer_slot():
+        return run_stages(cfg, todo)
+
+
+def store_writer_slot():
+    """Deployed runs (prefect.yaml sets CAI_STORE_WRITER_LIMIT) hold the global concurrency limit of
+    the store's one writer for the whole run, so two deployments never write one store at once."""
+    import os
+    from contextlib import nullcontext
+
+    name = os.environ.get("CAI_STORE_WRITER_LIMIT")
+    if not name:
+        return nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(name, occupy=1)
 
 
 def run_pipeline(run_file: str | Path, stages: list[str] | None = None) -> dict[str, Any]:

@@ -12,12 +12,13 @@ from typing import Any
 from prefect import flow
 
 from cai.pipeline import load_pipeline
-from flows.pipeline import run_stages
+from flows.pipeline import run_stages, store_writer_slot
 
 
 def _run(run_file: str, stages: list[str]) -> dict[str, Any]:
     cfg = load_pipeline(run_file)
-    return run_stages(cfg, stages)
+    with store_writer_slot():
+        return run_stages(cfg, stages)
 
 
 @flow(name="label_new_prompts", log_prints=True)

@@ -19,6 +19,8 @@ from typing import Any
 FLOWS_DIR = Path(__file__).resolve().parent
 PREFECT_FILE = FLOWS_DIR / "prefect.yaml"
 WORK_POOL = "cai-process"
+GPU_WORK_POOL = "cai-gpu"
+STORE_WRITER_LIMIT = "cai-store-writer"
 
 # name -> "module:function"
 FLOWS: dict[str, str] = {
@@ -64,9 +66,12 @@ def deploy(prefect_file: Path = PREFECT_FILE, *, names: list[str] | None = None)
     require_server()
     prefect = [sys.executable, "-m", "prefect"]
     env = {**os.environ}
-    pools = subprocess.run([*prefect, "work-pool", "inspect", WORK_POOL], capture_output=True, text=True, env=env)
-    if pools.returncode != 0:
-        subprocess.run([*prefect, "work-pool", "create", WORK_POOL, "--type", "process"], check=True, env=env)
+    for pool in (WORK_POOL, GPU_WORK_POOL):  # CPU work, and GPU work (training, the full pipeline)
+        pools = subprocess.run([*prefect, "work-pool", "inspect", pool], capture_output=True, text=True, env=env)
+        if pools.returncode != 0:
+            subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], check=True, env=env)
+    # One writer per store across deployments: every deployed flow run holds this slot (see prefect.yaml).
+    subprocess.run([*prefect, "gcl", "create", STORE_WRITER_LIMIT, "--limit", "1"], capture_output=True, env=env)
     cmd = [*prefect, "--no-prompt", "deploy", "--prefect-file", str(prefect_file)]
     if names:
         for n in names:

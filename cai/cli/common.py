@@ -95,3 +95,57 @@ def _fmt(v: object) -> str:
 def main() -> None:
     app()
 
+
+
+# ---- scale-out options shared by the engine-taking commands (issue 14) ------------------------------
+ShardOption = Annotated[str | None, typer.Option(
+    "--shard", help="I/N: only shard I of N (0-based), partitioned by content hash; the union of all N "
+                    "shards is exactly one unsharded run.")]
+EngineOptionOption = Annotated[list[str] | None, typer.Option(
+    "--engine-option", help="Engine option KEY=VALUE (YAML value), repeatable: tensor_parallel_size=2, "
+                            "gpu_memory_utilization=0.8, quantization=awq, max_model_len=4096.")]
+
+
+def engine_options(base_url: str | None = None, items: list[str] | None = None) -> dict:
+    """``--base-url`` and ``--engine-option KEY=VALUE`` pairs as an engine's options (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {"base_url": base_url} if base_url else {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--engine-option {item!r}: write KEY=VALUE, e.g. --engine-option gpu_memory_utilization=0.8")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+NumProcessesOption = Annotated[int | None, typer.Option(
+    "--num-processes", help="Train on N processes under `accelerate launch` (DDP; gloo on CPU, NCCL on "
+                            "GPUs, one per GPU); rank 0 alone writes to the store and saves checkpoints.")]
+
+
+def relaunch_under_accelerate(num_processes: int | None) -> None:
+    """Run this very command again under ``accelerate launch`` on ``num_processes`` processes, and
+    exit with its status (not when already launched, or for one process)."""
+    import os
+    import subprocess
+
+    from cai.training import accelerate_command
+
+    if not num_processes or num_processes <= 1 or os.environ.get("WORLD_SIZE"):
+        return
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            argv.append(a)
+    raise typer.Exit(subprocess.call(accelerate_command(num_processes, argv)))
+
+
+def is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

@@ -11,14 +11,20 @@ import typer
 from cai.cli.common import (
     ConfigFileOption,
     DbOption,
+    EngineOptionOption,
+    NumProcessesOption,
     SetOption,
+    ShardOption,
     _store,
     _train_config,
     _validation_message,
     app,
     console,
+    engine_options,
     fail,
+    is_main_process,
     print_rows,
+    relaunch_under_accelerate,
 )
 from cai.store import Store, StoreLockedError
 
@@ -45,6 +51,8 @@ def critique(db: DbOption = None,
                                                      "model id or HF folder.")] = "smollm2-135m-instruct",
              engine: Annotated[str, typer.Option(help="transformers | vllm | openai")] = "transformers",
              base_url: Annotated[str | None, typer.Option(help="Server URL for --engine openai.")] = None,
+             engine_option: EngineOptionOption = None,
+             shard: ShardOption = None,
              rounds: Annotated[int, typer.Option(help="Critique-revision rounds per generation.")] = 2,
              few_shot: Annotated[int | None, typer.Option(help="Constitution examples placed first "
                                                                "(default: all).")] = None,
@@ -83,7 +91,7 @@ def critique(db: DbOption = None,
                              revision_max_tokens=revision_max_tokens, seed=seed,
                              max_revision_chars=max_revision_chars, max_growth=max_growth,
                              generation_model=generation_model, split=split, category=category, limit=limit,
-                             batch_size=batch_size, engine_options={"base_url": base_url} if base_url else {})
+                             batch_size=batch_size, engine_options=engine_options(base_url, engine_option), shard=shard)
     except ValidationError as e:
         fail(_validation_message(e))
     try:
@@ -126,6 +134,7 @@ def sft(db: DbOption = None,
         save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
         stop_after: Annotated[int | None, typer.Option(help="Checkpoint and stop after this many steps; the "
                                                             "same command resumes.")] = None,
+        num_processes: NumProcessesOption = None,
         sets: SetOption = None,
         config: ConfigFileOption = None) -> None:
     """Fine-tune the policy on the SL-CAI pairs (`sl_cai`: prompt, final revision); resumes if interrupted."""
@@ -142,10 +151,13 @@ def sft(db: DbOption = None,
         max_steps=max_steps, seed=seed, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
         mixed_precision=mixed_precision, device=device, eval_every=eval_every, save_every=save_every,
         split=split), sets, config)
+    relaunch_under_accelerate(num_processes)
     try:
         summary = run_sft(_store(db), cfg, stop_after_steps=stop_after)
     except (ModelNotFoundError, LookupError, StoreLockedError, RuntimeError, ValueError) as e:
         fail(str(e))
+    if not is_main_process():
+        return
     console.print_json(json.dumps(summary, default=str))
     if summary.get("finished") or summary.get("already_trained"):
         console.print(f"sample from it: cai generate --model {summary['model_id']}", markup=False)

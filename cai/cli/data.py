@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from cai.cli.common import DbOption, _store, app, console, err, fail
+from cai.cli.common import (
+    DbOption,
+    EngineOptionOption,
+    ShardOption,
+    _store,
+    app,
+    console,
+    engine_options,
+    err,
+    fail,
+)
 from cai.store import StoreLockedError
 
 
@@ -40,6 +50,8 @@ def generate(db: DbOption = None,
              model: Annotated[str, typer.Option(help="Built-in name, store model id, or HF folder.")] = "smollm2-135m-instruct",
              engine: Annotated[str, typer.Option(help="transformers | vllm | openai")] = "transformers",
              base_url: Annotated[str | None, typer.Option(help="Server URL for --engine openai.")] = None,
+             engine_option: EngineOptionOption = None,
+             shard: ShardOption = None,
              n: Annotated[int, typer.Option(help="Responses per prompt.")] = 1,
              temperature: float = 0.7, top_p: float = 0.95,
              max_tokens: Annotated[int, typer.Option(help="Max new tokens per response.")] = 256,
@@ -58,7 +70,7 @@ def generate(db: DbOption = None,
         cfg = GenerateConfig(model=model, engine=engine, n=n, temperature=temperature, top_p=top_p,
                              max_tokens=max_tokens, seed=seed, split=split, category=category, limit=limit,
                              batch_size=batch_size,
-                             engine_options={"base_url": base_url} if base_url else {})
+                             engine_options=engine_options(base_url, engine_option), shard=shard)
     except ValidationError as e:
         fail("; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))
     try:

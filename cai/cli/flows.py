@@ -61,4 +61,5 @@ def deploy(names: Annotated[list[str] | None, typer.Argument(help="Deployment na
         fail(str(e))
     if code:
         raise typer.Exit(code)
-    console.print(f"deployed; start a worker with: prefect worker start --pool {serving.WORK_POOL}")
+    console.print(f"deployed; start workers with: prefect worker start --pool {serving.WORK_POOL} "
+                  f"(and on a GPU machine: --pool {serving.GPU_WORK_POOL})")

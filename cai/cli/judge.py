@@ -10,7 +10,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cai.cli.common import DbOption, _fmt, _store, app, console, err, fail, print_rows
+from cai.cli.common import (
+    DbOption,
+    EngineOptionOption,
+    ShardOption,
+    _fmt,
+    _store,
+    app,
+    console,
+    engine_options,
+    err,
+    fail,
+    print_rows,
+)
 from cai.store import StoreLockedError
 
 judge_app = typer.Typer(help="Judge spec files (judges/*.yaml): lint, show, JSON Schema.", no_args_is_help=True)
@@ -84,6 +96,8 @@ def label(db: DbOption = None,
           engine: Annotated[str | None, typer.Option(help="transformers | vllm | openai (default: the spec's).")]
           = None,
           base_url: Annotated[str | None, typer.Option(help="Server URL for --engine openai.")] = None,
+          engine_option: EngineOptionOption = None,
+          shard: ShardOption = None,
           split: Annotated[str | None, typer.Option(help="train | test")] = None,
           limit: Annotated[int | None, typer.Option(help="At most this many pairs.")] = None,
           batch_size: Annotated[int, typer.Option(help="Pairs per engine call and per write.")] = 32,
@@ -98,7 +112,7 @@ def label(db: DbOption = None,
     try:
         cfg = LabelConfig(judge=judge, constitution=constitution,
                           pairs=[p.strip() for p in pairs.split(",") if p.strip()], model=model, engine=engine,
-                          engine_options={"base_url": base_url} if base_url else {}, split=split, limit=limit,
+                          engine_options=engine_options(base_url, engine_option), shard=shard, split=split, limit=limit,
                           batch_size=batch_size, seed=seed)
     except ValidationError as e:
         fail("; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))

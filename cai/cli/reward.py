@@ -12,6 +12,7 @@ import typer
 from cai.cli.common import (
     ConfigFileOption,
     DbOption,
+    NumProcessesOption,
     SetOption,
     _store,
     _train_config,
@@ -19,7 +20,9 @@ from cai.cli.common import (
     console,
     err,
     fail,
+    is_main_process,
     print_rows,
+    relaunch_under_accelerate,
 )
 from cai.store import StoreLockedError
 
@@ -68,6 +71,7 @@ def train_rm(db: DbOption = None,
              save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
              stop_after: Annotated[int | None, typer.Option(help="Checkpoint and stop after this many steps; "
                                                             "the same command resumes.")] = None,
+             num_processes: NumProcessesOption = None,
              sets: SetOption = None,
              config: ConfigFileOption = None) -> None:
     """Train a reward model on the judge's soft labels (or people's: --sources human); resumes if interrupted."""
@@ -81,10 +85,13 @@ def train_rm(db: DbOption = None,
         margin=margin, center_coef=center_coef, lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
         max_steps=max_steps, seed=seed, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
         mixed_precision=mixed_precision, device=device, eval_every=eval_every, save_every=save_every), sets, config)
+    relaunch_under_accelerate(num_processes)
     try:
         summary = train_reward(_store(db), cfg, stop_after_steps=stop_after)
     except (ModelNotFoundError, LookupError, StoreLockedError, RuntimeError, ValueError) as e:
         fail(str(e))
+    if not is_main_process():
+        return
     console.print_json(json.dumps(summary, default=str))
 
 

@@ -20,12 +20,13 @@ from cai.engines.base import (
     EngineInfo,
     Message,
     SamplingParams,
+    item_seed,
     sample_seed,
 )
 
 __all__ = [
     "NEG_INF", "Completion", "Conversation", "Engine", "EngineInfo", "Message", "SamplingParams",
-    "sample_seed", "ENGINE_KINDS", "make_engine", "get_engine", "clear_engines", "engine_class",
+    "sample_seed", "item_seed", "ENGINE_KINDS", "make_engine", "get_engine", "clear_engines", "engine_class",
 ]
 
 # kind → (module, class); aliases map to a canonical kind.

@@ -49,6 +49,10 @@ class SamplingParams:
     n: int = 1
     seed: int = 0
     stop: tuple[str, ...] = ()
+    # Per-request base seeds (one per prompt of the call), replacing ``seed + i``: callers derive
+    # them from each item's content (``item_seed``) so a sample does not depend on the item's
+    # position, on resuming or on sharding. Not part of ``to_dict``/``hash``: the base ``seed`` is.
+    request_seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -60,6 +64,13 @@ class SamplingParams:
         if self.n < 1:
             raise ValueError("n must be >= 1")
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "request_seeds", tuple(self.request_seeds))
+
+    def sample_seed(self, request_index: int, sample_index: int = 0) -> int:
+        """The seed of sample ``sample_index`` of request ``request_index`` of one engine call."""
+        if self.request_seeds:
+            return sample_seed(self.request_seeds[request_index], 0, sample_index)
+        return sample_seed(self.seed, request_index, sample_index)
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +79,7 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["stop"] = list(self.stop)
+        d.pop("request_seeds")
         return d
 
     def hash(self) -> str:
@@ -90,6 +102,13 @@ def sample_seed(seed: int, request_index: int, sample_index: int = 0) -> int:
     uses too, only looks at the low 32 bits: wider offsets would silently collide.
     """
     return (seed + request_index + sample_index * SAMPLE_SEED_STRIDE) % _SEED_MOD
+
+
+def item_seed(seed: int, *key: Any) -> int:
+    """A request's base seed from the run's ``seed`` and the item's identity (content ids), in
+    [0, 2**32): the same item gets the same seed whatever batch, chunk, shard or resumed run it is in."""
+    digest = hashlib.sha256(json.dumps([seed, *key], default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % _SEED_MOD
 
 
 @dataclass

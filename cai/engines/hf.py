@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cai.engines.base import Completion, Engine, EngineInfo, SamplingParams, sample_seed
+from cai.engines.base import Completion, Engine, EngineInfo, SamplingParams
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
            "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
@@ -62,7 +62,7 @@ class TransformersEngine(Engine):
 
     name = "transformers"
 
-    def __init__(self, model: str, *, device: str = "cpu", dtype: Any = None, batch_size: int = 16,
+    def __init__(self, model: str, *, device: str | None = None, dtype: Any = None, batch_size: int = 16,
                  progress: bool = True, tokenizer: Any = None, num_threads: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,6 +71,10 @@ class TransformersEngine(Engine):
         path = resolve(model)
         tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
+        if device is None:  # a GPU when there is one (CUDA_VISIBLE_DEVICES / Ray's GPU resource pick which)
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         lm.to(device)
         lm.eval()
         self._setup(lm, tok, model, batch_size=batch_size, progress=progress, num_threads=num_threads)
@@ -242,7 +246,7 @@ class TransformersEngine(Engine):
                 g = None
                 if not params.greedy:
                     g = torch.Generator(device=dev)
-                    g.manual_seed(sample_seed(params.seed, req, j))
+                    g.manual_seed(params.sample_seed(req, j))
                 rows.append(_Row(prompt=p, sample=j, generator=g))
         active = list(range(len(rows)))  # rows[active[k]] is batch row k
         max_stop = max((len(s) for s in params.stop), default=0)

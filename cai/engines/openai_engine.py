@@ -8,7 +8,7 @@ Requests:
 * Greedy generation and next-token scoring send ``prompts_per_request`` prompts per HTTP request
   (the completions API takes a list of prompts).
 * Sampled generation sends one request per sample, because the API takes one ``seed`` per request
-  and every sample has its own seed (``sample_seed(params.seed, i, j)``). The server batches the
+  and every sample has its own seed (``params.sample_seed(i, j)``). The server batches the
   concurrent requests itself.
 * At most ``max_concurrency`` requests are in flight (a thread pool); connection errors, 429 and
   5xx answers are retried ``retries`` times with exponential back-off (honouring ``Retry-After``).
@@ -29,6 +29,7 @@ server needs none.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import sys
@@ -38,7 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cai.engines.base import NEG_INF, Completion, Engine, EngineInfo, SamplingParams, sample_seed
+from cai.engines.base import NEG_INF, Completion, Engine, EngineInfo, SamplingParams
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _TOKEN_ID_PREFIX = "token_id:"
@@ -57,8 +58,9 @@ class OpenAIEngine(Engine):
 
     name = "openai"
 
-    def __init__(self, model: str, *, base_url: str, api_key_env: str = "OPENAI_API_KEY", tokenizer: Any = None,
-                 timeout: float = 120, max_concurrency: int = 8, retries: int = 3, served_model: str | None = None,
+    def __init__(self, model: str, *, base_url: str | list[str], api_key_env: str = "OPENAI_API_KEY",
+                 tokenizer: Any = None, timeout: float = 120, max_concurrency: int = 64, retries: int = 3,
+                 served_model: str | None = None,
                  prompts_per_request: int = 16, max_logprobs: int = 20, vllm_extensions: bool = True,
                  progress: bool = True):
         import httpx
@@ -66,7 +68,14 @@ class OpenAIEngine(Engine):
         if max_concurrency < 1 or prompts_per_request < 1 or retries < 0:
             raise ValueError("max_concurrency and prompts_per_request must be >= 1, retries >= 0")
         super().__init__(model, _load_tokenizer(tokenizer if tokenizer is not None else model))
-        self.base_url = base_url.rstrip("/")
+        # Several servers (a list, or URLs separated by commas): each request goes to the server
+        # picked by a hash of its prompt's first tokens, so prompts that share a prefix (a judge's
+        # template, a conversation's turns) meet the same server's prefix cache.
+        urls = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+        self.base_urls = [u.strip().rstrip("/") for u in urls if u.strip()]
+        if not self.base_urls:
+            raise ValueError("base_url: give at least one server URL")
+        self.base_url = self.base_urls[0]
         self.api_key_env = api_key_env
         self.timeout = timeout
         self.max_concurrency = max_concurrency
@@ -78,13 +87,25 @@ class OpenAIEngine(Engine):
         self._served_model = served_model
         self._exact_scoring = vllm_extensions
         self._lock = threading.Lock()
+        # max_concurrency requests in flight in all; a vLLM server keeps a GPU busy with ~64.
         self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=max_concurrency,
                                                                          max_keepalive_connections=max_concurrency))
 
     # ---- HTTP ----------------------------------------------------------------------------------
-    def _url(self, path: str) -> str:
-        root = self.base_url if self.base_url.endswith("/v1") else self.base_url + "/v1"
+    def _url(self, path: str, body: dict[str, Any] | None = None) -> str:
+        base = self.base_urls[self.route(body)] if body else self.base_url
+        root = base if base.endswith("/v1") else base + "/v1"
         return root + path
+
+    ROUTE_PREFIX_TOKENS = 64
+
+    def route(self, body: dict[str, Any] | None) -> int:
+        """Index of the server for a request: a hash of its first prompt's first 64 tokens."""
+        if len(self.base_urls) == 1 or not body or not body.get("prompt"):
+            return 0
+        first = body["prompt"][0] if isinstance(body["prompt"][0], list) else body["prompt"]
+        key = ",".join(map(str, first[:self.ROUTE_PREFIX_TOKENS])).encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % len(self.base_urls)
 
     def _headers(self) -> dict[str, str]:
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
@@ -93,7 +114,7 @@ class OpenAIEngine(Engine):
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         import httpx
 
-        url = self._url(path)
+        url = self._url(path, body)
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
@@ -163,7 +184,8 @@ class OpenAIEngine(Engine):
 
     def info(self) -> EngineInfo:
         # Deliberately no API key (not even its presence) and no headers.
-        return EngineInfo(self.name, self.model, {"base_url": self.base_url, "served_model": self._served_model,
+        return EngineInfo(self.name, self.model, {"base_url": self.base_url, "base_urls": self.base_urls,
+                                                  "served_model": self._served_model,
                                                   "max_concurrency": self.max_concurrency})
 
     def _encode(self, prompts: list[str]) -> list[list[int]]:
@@ -198,7 +220,7 @@ class OpenAIEngine(Engine):
             for i in range(len(ids)):
                 for j in range(params.n):
                     plan.append([(i, j)])
-                    bodies.append(self._body([ids[i]], seed=sample_seed(params.seed, i, j), **common))
+                    bodies.append(self._body([ids[i]], seed=params.sample_seed(i, j), **common))
         responses = self._parallel([lambda b=b: self._request("POST", "/completions", b) for b in bodies],
                                    f"{self.name} generate")
         out: list[list[Completion | None]] = [[None] * params.n for _ in prompts]

