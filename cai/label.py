@@ -52,6 +52,9 @@ class LabelConfig(BaseModel):
     limit: int | None = Field(None, ge=1, description="At most this many pairs (in a stable order).")
     batch_size: int = Field(32, ge=1, description="Pairs per engine call and per write.")
     seed: int = Field(0, description="Seeds the principle draw per pair (and cot sampling).")
+    changed: bool = Field(False, description="Only pairs an edit of the constitution touched: judge again the pairs "
+                                             "labelled under an older version whose principles changed, carry the "
+                                             "other labels over (cai.relabel).")
 
 
 def principle_refs(constitution: Constitution) -> list[PrincipleRef]:
@@ -62,6 +65,12 @@ def comparison_id(pair_kind: str, prompt_id: str, a_id: str, b_id: str, spec_has
                   constitution_hash: str | None, judge_model_id: str, seed: int) -> str:
     return content_hash("comparison", pair_kind, prompt_id, a_id, b_id, spec_hash, constitution_hash,
                         judge_model_id, seed)
+
+
+def draw_key(pair_kind: str, prompt_id: str, a_id: str, b_id: str) -> str:
+    """What seeds a pair's principle draw: the pair itself, not the constitution version, so an edit
+    redraws only where it must (see ``cai.relabel``)."""
+    return content_hash("pair", pair_kind, prompt_id, a_id, b_id)
 
 
 def select_pairs(store: Store, kinds: list[str], *, generation_stage: str = "initial",
@@ -138,15 +147,21 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
     for p in pairs:
         p["comparison_id"] = comparison_id(p["pair_kind"], p["prompt_id"], p["a_id"], p["b_id"], spec.hash,
                                            constitution.hash, judge_model_id, cfg.seed)
+        p["draw_key"] = draw_key(p["pair_kind"], p["prompt_id"], p["a_id"], p["b_id"])
     have = store.existing_ids("comparisons", "comparison_id", [p["comparison_id"] for p in pairs])
     todo = [p for p in pairs if p["comparison_id"] not in have]
     summary.update(pairs=len(pairs), identical_skipped=len(identical), already_done=len(pairs) - len(todo),
                    labelled=0, invalid=0)
+    carried: list[dict[str, Any]] = []
+    if cfg.changed:
+        from cai.relabel import plan_label_changed
+
+        todo, carried, summary["changed"] = plan_label_changed(store, constitution, spec, judge_model_id, todo, cfg.seed)
     if not pairs and not identical:
         raise LookupError(
             f"no pairs to label in {store.path}: run `cai generate --n 2` (two_samples) or the critique "
             "stage (initial_vs_revised) first")
-    if not todo:
+    if not todo and not carried:
         summary["seconds"] = round(time.time() - started, 2)
         return summary
 
@@ -155,6 +170,11 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
     with store.write() as con:
         store.register_constitution(constitution, con=con)
         store.register_model(judge_model_id, "base", judge_path, con=con)
+        summary["carried"] = store.insert("comparisons", [{**r, "run_id": run_id} for r in carried], con=con)
+    if not todo:
+        summary["seconds"] = round(time.time() - started, 2)
+        store.finish_run(run_id, "ok", summary)
+        return summary
     engine = engine or judge_engine(spec, judge_path, cfg.engine, cfg.engine_options)
     judge = Judge(spec, engine, principle_refs(constitution), seed=cfg.seed)
     params = json.dumps({"top_k": spec.top_k, "min_option_prob": spec.min_option_prob,
@@ -167,7 +187,7 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
     try:
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start:start + cfg.batch_size]
-            inputs = [PairInput(p["comparison_id"], p["messages"], p["a_text"], p["b_text"]) for p in chunk]
+            inputs = [PairInput(p["draw_key"], p["messages"], p["a_text"], p["b_text"]) for p in chunk]
             t0 = time.time()
             verdicts = judge.judge(inputs, seed_offset=cfg.seed + start)
             judge_seconds += time.time() - t0
