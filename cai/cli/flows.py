@@ -1,0 +1,64 @@
+"""Pipeline and Prefect: `cai run`, `cai serve`, `cai deploy`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cai.cli.common import app, console, fail
+
+
+@app.command("run")
+def run(run_file: Annotated[Path, typer.Argument(help="Pipeline run file (YAML), e.g. flows/demo.yaml.")],
+        stages: Annotated[str | None, typer.Option(help="Comma-separated subset of the file's stages.")] = None,
+        check: Annotated[bool, typer.Option("--check", help="Only validate the run file.")] = False) -> None:
+    """Run the pipeline a run file describes, as the Prefect flow `cai_pipeline` (ephemeral mode
+    unless PREFECT_API_URL points at a server)."""
+    from cai.pipeline import load_pipeline
+    from cai.yamlio import SpecError
+
+    try:
+        cfg = load_pipeline(run_file)
+    except SpecError as e:
+        fail(str(e))
+    if check:
+        console.print(f"{run_file}: ok; stages: {', '.join(cfg.ordered_stages())}")
+        return
+    from flows.pipeline import run_pipeline
+
+    only = [s.strip() for s in stages.split(",")] if stages else None
+    result = run_pipeline(run_file, only)
+    console.print_json(json.dumps(result, default=str))
+
+
+@app.command("serve")
+def serve(flow: Annotated[str, typer.Argument(help="cai_pipeline | label_new_prompts | retrain_reward_model | evaluate_policy")],
+          run_file: Annotated[str, typer.Option(help="Run file passed to the flow.")] = "flows/demo.yaml",
+          cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 2 * * *'.")] = None,
+          interval: Annotated[float | None, typer.Option(help="Seconds between runs.")] = None,
+          name: Annotated[str | None, typer.Option(help="Deployment name.")] = None) -> None:
+    """Serve a flow on a schedule from this process (needs a Prefect server: PREFECT_API_URL)."""
+    from flows import serve as serving
+
+    try:
+        serving.serve(flow, deployment=name, cron=cron, interval=interval, parameters={"run_file": run_file})
+    except (KeyError, ValueError, RuntimeError) as e:
+        fail(str(e))
+
+
+@app.command("deploy")
+def deploy(names: Annotated[list[str] | None, typer.Argument(help="Deployment names (default: all).")] = None
+           ) -> None:
+    """Register the scheduled deployments of flows/prefect.yaml on a process work pool."""
+    from flows import serve as serving
+
+    try:
+        code = serving.deploy(names=names or None)
+    except RuntimeError as e:
+        fail(str(e))
+    if code:
+        raise typer.Exit(code)
+    console.print(f"deployed; start a worker with: prefect worker start --pool {serving.WORK_POOL}")

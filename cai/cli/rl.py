@@ -1,0 +1,117 @@
+"""PPO and DPO (cai/ppo.py, cai/dpo.py): `cai ppo`, `cai dpo`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from cai.cli.common import (
+    ConfigFileOption,
+    DbOption,
+    SetOption,
+    _store,
+    _train_config,
+    app,
+    console,
+    err,
+    fail,
+)
+from cai.store import StoreLockedError
+
+
+@app.command("ppo")
+def ppo(db: DbOption = None,
+        policy: Annotated[str | None, typer.Option(help="Starting policy (built-in name, store id, HF folder).")] = None,
+        reward: Annotated[str | None, typer.Option(help="Reward model (store id or folder), judge:SPEC, or "
+                                                        "python:module:function.")] = None,
+        ref: Annotated[str | None, typer.Option(help="Reference policy (default: the starting policy).")] = None,
+        value_model: Annotated[str | None, typer.Option(help="Critic start (default: the reward model).")] = None,
+        steps: Annotated[int | None, typer.Option(help="PPO steps (one rollout batch each).")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Rollouts per step.")] = None,
+        samples_per_prompt: Annotated[int | None, typer.Option(help="Responses per prompt in a batch (scores "
+                                                                    "compared within the prompt).")] = None,
+        minibatch_size: Annotated[int | None, typer.Option(help="Rollouts per gradient step.")] = None,
+        ppo_epochs: Annotated[int | None, typer.Option(help="Passes over each rollout batch.")] = None,
+        max_new_tokens: Annotated[int | None, typer.Option(help="Response length limit.")] = None,
+        temperature: float | None = None,
+        learning_rate: float | None = None,
+        kl_coef: Annotated[float | None, typer.Option(help="beta of the per-token KL penalty.")] = None,
+        target_kl: Annotated[float | None, typer.Option(help="Adaptive KL target (nats); 0 keeps beta fixed.")] = None,
+        missing_eos_penalty: Annotated[float | None, typer.Option(help="Penalty for responses without EOS.")] = None,
+        limit: Annotated[int | None, typer.Option(help="At most this many training prompts.")] = None,
+        engine: Annotated[str | None, typer.Option(help="Rollout engine: transformers | vllm.")] = None,
+        device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+        dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 (autocast)")] = None,
+        threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+        seed: int | None = None,
+        resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of the same setup.")] = True,
+        sets: SetOption = None,
+        config: ConfigFileOption = None) -> None:
+    """Fine-tune a policy with PPO against a reward model (or judge / Python reward)."""
+    from cai.models import ModelNotFoundError
+    from cai.ppo import PPOConfig, PPOError, run_ppo
+
+    cfg = _train_config(PPOConfig, {
+        "policy": policy, "reward": reward, "ref": ref, "value_model": value_model, "steps": steps,
+        "batch_size": batch_size, "samples_per_prompt": samples_per_prompt, "minibatch_size": minibatch_size,
+        "ppo_epochs": ppo_epochs, "max_new_tokens": max_new_tokens, "temperature": temperature,
+        "learning_rate": learning_rate,
+        "kl_coef": kl_coef, "missing_eos_penalty": missing_eos_penalty, "limit": limit,
+        "rollout_engine": engine, "device": device, "dtype": dtype, "threads": threads, "seed": seed,
+        "resume": resume}, sets, config)
+    if target_kl is not None:
+        cfg.target_kl = target_kl or None
+    try:
+        summary = run_ppo(_store(db), cfg)
+    except PPOError as e:
+        fail(f"training stopped: {e}")
+    except (ModelNotFoundError, LookupError, ValueError, NotImplementedError, StoreLockedError) as e:
+        fail(str(e))
+    console.print_json(json.dumps(summary, default=str))
+    if "eval_reward_gain" in summary:
+        err.print(f"held-out reward {summary['eval_reward_start']:.4f} -> {summary['eval_reward_end']:.4f}: "
+                  f"paired gain {summary['eval_reward_gain']:+.4f} ± {summary['eval_reward_gain_se']:.4f} "
+                  f"(standard error over {summary['eval_reward_gain_prompts']} held-out prompts)", highlight=False)
+    if summary.get("plot"):
+        err.print(f"training curves: {summary['plot']}\n"
+                  f"  cai sql \"select step, split, metric, value from training_curves where run_id = "
+                  f"'{summary['run_id']}' and metric in ('reward', 'kl') order by step\"", highlight=False)
+
+
+@app.command("dpo")
+def dpo(db: DbOption = None,
+        policy: Annotated[str | None, typer.Option(help="Starting policy (built-in name, store id, HF folder).")] = None,
+        ref: Annotated[str | None, typer.Option(help="Reference (default: the starting policy).")] = None,
+        beta: float | None = None,
+        label_mode: Annotated[str | None, typer.Option(help="smoothing | weight | hard: how the soft label "
+                                                            "P(chosen better) enters the loss.")] = None,
+        epochs: int | None = None,
+        batch_size: Annotated[int | None, typer.Option(help="Pairs per optimiser step.")] = None,
+        micro_batch_size: Annotated[int | None, typer.Option(help="Pairs per forward pass.")] = None,
+        learning_rate: float | None = None,
+        judge: Annotated[str | None, typer.Option(help="Only labels from this judge name.")] = None,
+        pair_kind: Annotated[str | None, typer.Option(help="Only pairs of this kind.")] = None,
+        limit: Annotated[int | None, typer.Option(help="At most this many training pairs.")] = None,
+        device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+        threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+        seed: int | None = None,
+        sets: SetOption = None,
+        config: ConfigFileOption = None) -> None:
+    """Fine-tune a policy with DPO on the `preferences` view (soft labels as smoothing or weights)."""
+    from cai.dpo import DPOConfig, run_dpo
+    from cai.models import ModelNotFoundError
+
+    cfg = _train_config(DPOConfig, {
+        "policy": policy, "ref": ref, "beta": beta, "label_mode": label_mode, "epochs": epochs,
+        "batch_size": batch_size, "micro_batch_size": micro_batch_size, "learning_rate": learning_rate,
+        "judge_name": judge, "pair_kind": pair_kind, "limit": limit, "device": device, "threads": threads,
+        "seed": seed}, sets, config)
+    try:
+        summary = run_dpo(_store(db), cfg)
+    except FloatingPointError as e:
+        fail(f"training stopped: {e}")
+    except (ModelNotFoundError, LookupError, ValueError, StoreLockedError) as e:
+        fail(str(e))
+    console.print_json(json.dumps(summary, default=str))
