@@ -213,3 +213,33 @@ def test_audit_against_people_flags_and_stores(labelled, tmp_path):
                        "AND subject_id = ?", [c.hash])
     assert {r["metric"] for r in rows} >= {f"agreement[{p.id}]" for p in c.principles}
     assert all("interval" in json.loads(r["details"]) for r in rows)
+
+
+def test_relabel_changed_flow_publishes_artifacts(labelled, tmp_path, tiny_policy_dir):
+    """The Prefect flow (ephemeral mode): diff artifact, label --changed, relabel summary artifact."""
+    from prefect.client.orchestration import get_client
+
+    from flows.versions import relabel_changed
+
+    path = tmp_path / "cai.duckdb"
+    shutil.copy(labelled["path"], path)
+    target = load_constitution(HARMLESS).principles[0].id
+    new_file = edited(tmp_path, "v2", lambda d: principle(d, target).update(judge="Which one is gentler?"))
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump({
+        "db": str(path), "constitution": str(new_file), "judge": str(labelled["tmp"] / "judge.yaml"),
+        "policy": str(tiny_policy_dir), "engine": "transformers", "stages": ["label"],
+        "label": {"pairs": ["two_samples"], "batch_size": 16}}))
+    results = relabel_changed(run_file=str(run_file))
+    label = results["label"]
+    assert label["carried"] + label["changed"]["rejudge"] == 8 and label["labelled"] == label["changed"]["rejudge"]
+
+    async def artifacts():
+        async with get_client() as client:
+            return {a.key: a.data for a in await client.read_artifacts()}
+
+    import asyncio
+
+    found = asyncio.run(artifacts())
+    assert target in found["cai-constitution-diff"] and "judge" in found["cai-constitution-diff"]
+    assert f"{label['carried']} labels carried over" in found["cai-relabel-changed"]
