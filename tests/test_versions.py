@@ -243,3 +243,43 @@ def test_relabel_changed_flow_publishes_artifacts(labelled, tmp_path, tiny_polic
     found = asyncio.run(artifacts())
     assert target in found["cai-constitution-diff"] and "judge" in found["cai-constitution-diff"]
     assert f"{label['carried']} labels carried over" in found["cai-relabel-changed"]
+
+
+def test_critique_changed_redoes_only_rounds_from_the_changed_principle_on(labelled, tmp_path, tiny_policy_dir):
+    from cai.critique import CritiqueConfig, run_critique
+
+    path = tmp_path / "cai.duckdb"
+    shutil.copy(labelled["path"], path)
+    store = Store(path)
+    cfg = CritiqueConfig(constitution=str(HARMLESS), model=str(tiny_policy_dir), rounds=2, few_shot=0, limit=6,
+                         critique_max_tokens=3, revision_max_tokens=3, batch_size=8)
+    engine = labelled["engine"]
+    run_critique(store, cfg, engine=engine, progress=False)
+    old = store.query("SELECT generation_id, round, principle_id FROM revisions ORDER BY generation_id, round")
+    target = old[0]["principle_id"]
+    new_file = edited(tmp_path, "v2", lambda d: principle(d, target).update(critique="Find every fault, briefly."))
+    first_hit: dict[str, int] = {}
+    for r in old:
+        if r["principle_id"] == target:
+            first_hit.setdefault(r["generation_id"], r["round"])
+    redo = sum(cfg.rounds - rnd + 1 for rnd in first_hit.values())
+    assert 0 < redo < len(old)
+
+    class CountingChat(CountingEngine):
+        def chat(self, conversations, params, **kw):
+            self.scored += [json.dumps(c) for c in conversations]
+            return self.inner.chat(conversations, params, **kw)
+
+    counting = CountingChat(engine)
+    summary = run_critique(store, cfg.model_copy(update={"constitution": str(new_file), "changed": True}),
+                           engine=counting, progress=False)
+    assert len(counting.scored) == 2 * redo  # one critique and one revision request per redone round
+    assert summary["revised"] == redo and summary["carried"] == len(old) - redo
+    assert summary["changed"]["reasons"] == {"changed": len(first_hit)}
+    new_hash = load_constitution(new_file).hash
+    rows = store.query("SELECT generation_id, round, carried_from, critique_request FROM revisions "
+                       "WHERE constitution_hash = ?", [new_hash])
+    assert len(rows) == len(old)
+    for r in rows:
+        touched = r["generation_id"] in first_hit and r["round"] >= first_hit[r["generation_id"]]
+        assert (r["carried_from"] is None) == touched
