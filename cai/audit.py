@@ -103,8 +103,10 @@ class AuditReport:
 
 def audit_against(store: Store | None, constitution: Constitution, pairs_path: str | Path, spec: JudgeSpec,
                   engine: Engine, *, model_id: str, limit: int | None = None, batch_size: int = 32, seed: int = 0,
-                  out_dir: str | Path | None = Path("data") / "runs" / "audit") -> AuditReport:
+                  out_dir: str | Path | None = Path("data") / "runs" / "audit", progress: bool = True) -> AuditReport:
     """Judge human-labelled pairs by every principle and measure each against people."""
+    from tqdm.auto import tqdm
+
     from cai.judge_eval import load_labelled_pairs
 
     path = Path(pairs_path)
@@ -119,8 +121,10 @@ def audit_against(store: Store | None, constitution: Constitution, pairs_path: s
                         it.chosen if f else it.rejected) for it, f in zip(items, flips, strict=True)]
     per: dict[str, dict[str, list[float]]] = {p.id: defaultdict(list) for p in constitution.principles}
     ensemble: list[float] = []
+    bar = tqdm(total=len(inputs), desc=f"audit ({len(refs)} principles)", unit="pair", disable=not progress)
     for start in range(0, len(inputs), batch_size):
         verdicts = judge.judge(inputs[start:start + batch_size], seed_offset=seed + start)
+        bar.update(len(verdicts))
         for k, v in enumerate(verdicts):
             y = 0 if flips[start + k] else 1  # 1: the human's choice is A
             if v.p_a is not None:
@@ -137,6 +141,7 @@ def audit_against(store: Store | None, constitution: Constitution, pairs_path: s
                 others = [q for o, q in ok.items() if o != pid]
                 if others and _side(sum(others) / len(others)) != 0 and _side(d["p"]) != 0:
                     per[pid]["disagree"].append(float(_side(d["p"]) != _side(sum(others) / len(others))))
+    bar.close()
     report = AuditReport(constitution.name, constitution.hash, str(path), spec.name, spec.hash, model_id,
                          len(items), engine_calls=judge.calls,
                          ensemble_agreement=wilson(sum(ensemble), len(ensemble)) if ensemble else None)

@@ -201,7 +201,7 @@ def test_audit_against_people_flags_and_stores(labelled, tmp_path):
     spec = load_judge_spec(labelled["tmp"] / "judge.yaml")
     engine = CountingEngine(labelled["engine"])
     report = audit_against(store, c, pairs, spec, engine, model_id="tiny", limit=4, batch_size=4,
-                           out_dir=tmp_path / "audit")
+                           out_dir=tmp_path / "audit", progress=False)
     assert report.n_pairs == 4 and len(report.principles) == len(c.principles)
     # Every principle judged every pair in both orderings, in one batched call.
     assert len(engine.scored) == 4 * len(c.principles) * 2 and report.engine_calls == 1
