@@ -2,9 +2,9 @@
 
 For every selected generation the stage runs ``rounds`` rounds. Round ``r``:
 
-1. samples one principle from the constitution, in proportion to its ``weight``, with a random
-   number generator seeded by ``(seed, generation id, r)``: a re-run draws the same principles
-   whatever else is in the batch;
+1. samples one principle from the constitution, in proportion to its ``weight``, with a draw
+   keyed by ``(seed, generation id, r, principle id)`` (``cai.draws``): a re-run draws the same
+   principles whatever else is in the batch, and an edit to one principle moves no other draw;
 2. asks for a critique. The conversation is, as in the CAI paper (Bai et al. 2022, §3)::
 
        [few-shot examples from the constitution, each one worked round as earlier turns]
@@ -37,7 +37,6 @@ records the seeds it was sampled with.
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -49,6 +48,7 @@ from tqdm.auto import tqdm
 
 from cai.cleaning import classify_revision, clean_critique, clean_revision
 from cai.constitution import Constitution, Example, Principle, load_constitution, resolve_constitution
+from cai.draws import weighted_draw
 from cai.engines import Engine, SamplingParams, get_engine, item_seed
 from cai.models import DEFAULT_MODEL, resolve_in_store
 from cai.sharding import ShardField, shard_note, take_shard
@@ -92,6 +92,8 @@ class CritiqueConfig(BaseModel):
     batch_size: int = Field(256, ge=1, description="Generations per chunk; a chunk's round is one engine call "
                                                    "for the critiques, one for the revisions, one write.")
     shard: ShardField = Field(None, description="I/N: only shard I of N (by generation id); see cai.sharding.")
+    changed: bool = Field(False, description="Only generations revised under an older version of the constitution: "
+                                             "carry the rounds an edit did not touch, redo the rest (cai.relabel).")
 
     def critique_params(self, seed: int = 0) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.critique_max_tokens,
@@ -112,9 +114,10 @@ class CritiqueConfig(BaseModel):
 
 # ---- principles and ids ------------------------------------------------------------------------
 def pick_principle(constitution: Constitution, seed: int, generation_id: str, round_: int) -> Principle:
-    """The principle of one round: a weighted draw from an RNG seeded by (seed, generation, round)."""
-    rng = random.Random(int(content_hash("principle", seed, generation_id, round_), 16))
-    return constitution.sample_principles(1, rng)[0]
+    """The principle of one round: a weighted draw keyed by (seed, generation, round, principle id),
+    so editing one principle moves no other round's draw (``cai.draws``; ``cai critique --changed``)."""
+    return weighted_draw(constitution.principles, 1, ("principle", seed, generation_id, round_),
+                         ident=lambda p: p.id, weight=lambda p: p.weight)[0]
 
 
 def revision_id(generation_id: str, round_: int, constitution_hash: str, model_id: str, params_hash: str) -> str:
@@ -366,19 +369,32 @@ def run_critique(store: Store, cfg: CritiqueConfig, *, engine: Engine | None = N
         raise LookupError(f"no generations in {store.path} match (stage {cfg.generation_stage!r}"
                           + (f", model {cfg.generation_model!r}" if cfg.generation_model else "")
                           + "); run `cai generate` first")
+    carried: list[dict[str, Any]] = []
+    if cfg.changed:
+        from cai.relabel import carry_critique
+
+        pending, carried, changed = carry_critique(store, cfg, constitution, model_id, pending)
     todo = [p for p in pending if p.next_round <= cfg.rounds]
     rounds_left = sum(cfg.rounds - p.next_round + 1 for p in todo)
     summary: dict[str, Any] = {
         "generations": len(pending), "rounds": cfg.rounds, "constitution_hash": constitution.hash,
         "model_id": model_id, "engine": cfg.engine, "params_hash": cfg.params_hash(constitution),
-        "already_done": len(pending) * cfg.rounds - rounds_left, "revised": 0, "status": {},
+        "already_done": len(pending) * cfg.rounds - rounds_left - len(carried), "revised": 0, "status": {},
         **shard_note(cfg.shard),
     }
-    if not todo:
+    if cfg.changed:
+        summary["changed"] = changed
+    if not todo and not carried:
         summary["seconds"] = round(time.time() - started, 2)
         return summary
 
     run_id = start_critique_run(store, cfg, constitution, model_id, model_path)
+    if carried:
+        summary["carried"] = store.insert("revisions", [{**r, "run_id": run_id} for r in carried])
+    if not todo:
+        summary["seconds"] = round(time.time() - started, 2)
+        store.finish_run(run_id, "ok", summary)
+        return summary
     statuses: Counter[str] = Counter()
     tokens, stats = 0, {}
     bar = tqdm(total=rounds_left, desc=f"critique ({cfg.engine})", unit="revision", disable=not progress)

@@ -34,8 +34,9 @@ option outside the top k counts as probability 0), when a CoT judge refuses ("re
 nothing ("unparsable"). A principle counts only when all its orderings are valid, so every label
 that is kept is position-debiased; a pair is invalid when no principle counts.
 
-Principles: ``sample`` draws ``k`` distinct principles by weight with a RNG seeded by
-(seed, pair key) and averages their labels; ``all`` averages every principle with its weight.
+Principles: ``sample`` draws ``k`` distinct principles by weight, each principle's chance keyed by
+(seed, pair key, its id) so that editing one principle moves no other pair's draw
+(``cai.draws``), and averages their labels; ``all`` averages every principle with its weight.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cai.draws import weighted_draw
 from cai.engines.base import Engine, SamplingParams, item_seed
 from cai.judge_spec import RATINGS, JudgeSpec
-from cai.store import content_hash
 
 ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
@@ -259,6 +260,17 @@ def sample_principles(principles: Sequence[PrincipleRef], k: int, rng: random.Ra
     return keyed[:min(k, len(keyed))]
 
 
+def choose_principles(spec: JudgeSpec, principles: Sequence[PrincipleRef], seed: int,
+                      pair_key: str) -> list[PrincipleRef]:
+    """The principles a pair is judged by: all of them, or ``k`` drawn by weight with a draw that
+    depends only on (seed, pair, each principle's id), so an edit to one principle moves no other
+    pair's draw (``cai.draws``; what ``cai label --changed`` relies on)."""
+    if spec.principles.mode == "all":
+        return list(principles)
+    return weighted_draw(principles, spec.principles.k, ("principles", seed, pair_key),
+                         ident=lambda p: p.id, weight=lambda p: p.weight)
+
+
 # ---- the judge ---------------------------------------------------------------------------------
 def judge_conversation(spec: JudgeSpec, user: str) -> list[dict[str, str]]:
     conv = [{"role": "system", "content": spec.prompt.system}] if spec.prompt.system else []
@@ -354,10 +366,7 @@ class Judge:
         return probe_context(self.spec, self.engine.render)
 
     def choose_principles(self, pair_key: str) -> list[PrincipleRef]:
-        if self.spec.principles.mode == "all":
-            return list(self.principles)
-        rng = random.Random(int(content_hash("principles", self.seed, pair_key), 16))
-        return sample_principles(self.principles, self.spec.principles.k, rng)
+        return choose_principles(self.spec, self.principles, self.seed, pair_key)
 
     def build_queries(self, pairs: Sequence[PairInput]) -> tuple[list[list[PrincipleRef]], list[_Query]]:
         chosen = [self.choose_principles(p.key) for p in pairs]

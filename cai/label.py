@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +56,9 @@ class LabelConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="Pairs per engine call and per write.")
     seed: int = Field(0, description="Seeds the principle draw per pair (and cot sampling).")
     shard: ShardField = Field(None, description="I/N: only shard I of N (by comparison id); see cai.sharding.")
+    changed: bool = Field(False, description="Only pairs an edit of the constitution touched: judge again the pairs "
+                                             "labelled under an older version whose principles changed, carry the "
+                                             "other labels over (cai.relabel).")
 
 
 def principle_refs(constitution: Constitution) -> list[PrincipleRef]:
@@ -66,6 +69,12 @@ def comparison_id(pair_kind: str, prompt_id: str, a_id: str, b_id: str, spec_has
                   constitution_hash: str | None, judge_model_id: str, seed: int) -> str:
     return content_hash("comparison", pair_kind, prompt_id, a_id, b_id, spec_hash, constitution_hash,
                         judge_model_id, seed)
+
+
+def draw_key(pair_kind: str, prompt_id: str, a_id: str, b_id: str) -> str:
+    """What seeds a pair's principle draw: the pair itself, not the constitution version, so an edit
+    redraws only where it must (see ``cai.relabel``)."""
+    return content_hash("pair", pair_kind, prompt_id, a_id, b_id)
 
 
 def select_pairs(store: Store, kinds: list[str], *, generation_stage: str = "initial",
@@ -131,6 +140,7 @@ class LabelPlan:
     judge_path: str
     todo: list[dict[str, Any]]  # pairs, each with its comparison_id
     summary: dict[str, Any]
+    carried: list[dict[str, Any]] = field(default_factory=list)  # `--changed`: rows carried over, not judged
 
 
 def plan_label(store: Store, cfg: LabelConfig) -> LabelPlan:
@@ -152,6 +162,7 @@ def plan_label(store: Store, cfg: LabelConfig) -> LabelPlan:
     for p in pairs:
         p["comparison_id"] = comparison_id(p["pair_kind"], p["prompt_id"], p["a_id"], p["b_id"], spec.hash,
                                            constitution.hash, judge_model_id, cfg.seed)
+        p["draw_key"] = draw_key(p["pair_kind"], p["prompt_id"], p["a_id"], p["b_id"])
     if not pairs and not identical:
         raise LookupError(
             f"no pairs to label in {store.path}: run `cai generate --n 2` (two_samples) or the critique "
@@ -161,7 +172,12 @@ def plan_label(store: Store, cfg: LabelConfig) -> LabelPlan:
     todo = [p for p in pairs if p["comparison_id"] not in have]
     summary.update(pairs=len(pairs), identical_skipped=len(identical), already_done=len(pairs) - len(todo),
                    labelled=0, invalid=0)
-    return LabelPlan(spec, constitution, engine_kind, judge_model_id, str(judge_path), todo, summary)
+    carried: list[dict[str, Any]] = []
+    if cfg.changed:
+        from cai.relabel import plan_label_changed
+
+        todo, carried, summary["changed"] = plan_label_changed(store, constitution, spec, judge_model_id, todo, cfg.seed)
+    return LabelPlan(spec, constitution, engine_kind, judge_model_id, str(judge_path), todo, summary, carried)
 
 
 def compute_label(cfg: LabelConfig, plan: LabelPlan, *, engine: Engine | None = None,
@@ -178,9 +194,10 @@ def compute_label(cfg: LabelConfig, plan: LabelPlan, *, engine: Engine | None = 
                          "answer_tokens": judge.answer.pieces})
     for start in range(0, len(plan.todo), cfg.batch_size):
         chunk = plan.todo[start:start + cfg.batch_size]
-        inputs = [PairInput(p["comparison_id"], p["messages"], p["a_text"], p["b_text"]) for p in chunk]
+        # The draw key names the pair, not the constitution version, so an edit moves no other pair's
+        # principle draw (cai.draws); cot samples are seeded by it too, never by the pair's position.
+        inputs = [PairInput(p["draw_key"], p["messages"], p["a_text"], p["b_text"]) for p in chunk]
         t0 = time.time()
-        # cot samples are seeded per pair (its comparison id), not by the pair's position in the run.
         verdicts = judge.judge(inputs, seed_offset=cfg.seed)
         stats["engine_seconds"] = stats.get("engine_seconds", 0.0) + time.time() - t0
         rows = []
@@ -217,11 +234,17 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
     started = time.time()
     plan = plan_label(store, cfg)
     summary = plan.summary
-    if not plan.todo:
+    if not plan.todo and not plan.carried:
         summary["seconds"] = round(time.time() - started, 2)
         return summary
 
     run_id = start_label_run(store, cfg, plan)
+    if plan.carried:
+        summary["carried"] = store.insert("comparisons", [{**r, "run_id": run_id} for r in plan.carried])
+    if not plan.todo:
+        summary["seconds"] = round(time.time() - started, 2)
+        store.finish_run(run_id, "ok", summary)
+        return summary
     stats: dict[str, Any] = {}
     bar = tqdm(total=len(plan.todo), desc=f"label ({plan.spec.name}, {plan.engine_kind})", unit="pair",
                disable=not progress)

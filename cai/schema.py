@@ -358,9 +358,54 @@ _V3_VIEWS = [
     """,
 ]
 
+# Version 7 (issue 16): constitution versions. Labels and revisions that an edit did not touch are
+# carried over to the new version by `cai label --changed` / `cai critique --changed`: a new row
+# under the new constitution hash whose ``carried_from`` names the row that was really computed
+# (its label or text is copied, not recomputed). Old versions' rows stay for lineage.
+_V7 = [
+    "ALTER TABLE comparisons ADD COLUMN IF NOT EXISTS carried_from VARCHAR",
+    "ALTER TABLE revisions ADD COLUMN IF NOT EXISTS carried_from VARCHAR",
+    # Every comparison with its constitution's name and version, ranked among the labels of the same
+    # pair by the same judge and seed under versions of the same constitution (1 = the newest
+    # version, by when the store first saw it).
+    """
+    CREATE OR REPLACE VIEW comparison_versions AS
+    SELECT c.*, k.name AS constitution_name, k.version AS constitution_version,
+           row_number() OVER w_newest AS version_rank,
+           count(*) OVER w_pair AS versions_labelled
+    FROM comparisons c LEFT JOIN constitutions k USING (constitution_hash)
+    WINDOW w_pair AS (PARTITION BY c.prompt_id, c.pair_kind, c.response_a_id, c.response_b_id, c.judge_name,
+                                   c.judge_spec_hash, c.judge_model_id, c.seed, k.name),
+           w_newest AS (w_pair ORDER BY k.created_at DESC NULLS LAST, c.created_at DESC, c.comparison_id)
+    """,
+    # Started from the version-3 definition of `preferences` (human rows left out) (same tie rule and columns), now over
+    # the newest constitution version's label of each pair only, and saying so: constitution_name,
+    # constitution_version, versions_labelled (how many versions labelled this pair; this row is
+    # the newest one's) and carried_from (set when the label was carried over unchanged from an
+    # older version's comparison rather than judged again).
+    """
+    CREATE OR REPLACE VIEW preferences AS
+    SELECT c.comparison_id, c.prompt_id, p.prompt_text AS prompt, p.messages,
+           CASE WHEN c.p_a > 0.5 THEN c.response_a ELSE c.response_b END AS chosen,
+           CASE WHEN c.p_a > 0.5 THEN c.response_b ELSE c.response_a END AS rejected,
+           CASE WHEN c.p_a > 0.5 THEN c.response_a_id ELSE c.response_b_id END AS chosen_id,
+           CASE WHEN c.p_a > 0.5 THEN c.response_b_id ELSE c.response_a_id END AS rejected_id,
+           greatest(c.p_a, 1 - c.p_a) AS probability,
+           CASE WHEN c.p_a > 0.5 THEN c.score_a ELSE c.score_b END AS score_chosen,
+           CASE WHEN c.p_a > 0.5 THEN c.score_b ELSE c.score_a END AS score_rejected,
+           c.principle_ids, c.judge_name, c.judge_spec_hash, c.judge_model_id, c.constitution_hash,
+           c.method, c.pair_kind, c.position_consistent, c.run_id, c.created_at,
+           c.constitution_name, c.constitution_version, c.versions_labelled, c.carried_from
+    FROM comparison_versions c JOIN prompts p USING (prompt_id)
+    WHERE c.version_rank = 1 AND c.status = 'ok' AND c.p_a IS NOT NULL AND c.p_a <> 0.5
+      AND c.method IS DISTINCT FROM 'human'  -- people's labels: human_preferences (v3)
+    """,
+]
+
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (1, _V1_TABLES + _V1_VIEWS),
     (2, _V2_VIEWS),
     (3, _V3_VIEWS),
+    (7, _V7),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -28,6 +28,8 @@ FLOWS: dict[str, str] = {
     "label_new_prompts": "flows.scheduled:label_new_prompts",
     "retrain_reward_model": "flows.scheduled:retrain_reward_model",
     "evaluate_policy": "flows.scheduled:evaluate_policy",
+    "relabel_changed": "flows.versions:relabel_changed",
+    "audit_constitution": "flows.versions:audit_constitution",
 }
 
 

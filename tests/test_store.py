@@ -23,7 +23,7 @@ def test_creates_and_migrates_versioned_schema(tmp_path):
     # Migrating again is a no-op.
     con = duckdb.connect(str(s.path))
     assert migrate(con) == SCHEMA_VERSION
-    assert con.execute("select count(*) from schema_version").fetchall()[0][0] == len(MIGRATIONS)
+    assert con.execute("select count(*) from schema_version").fetchall()[0][0] == len(MIGRATIONS)  # numbers may skip
     con.close()
 
 

@@ -11,7 +11,7 @@ import typer
 
 from cai.cli.common import app, console, err
 
-constitution_app = typer.Typer(help="Constitution files: lint, JSON Schema.", no_args_is_help=True)
+constitution_app = typer.Typer(help="Constitution files: lint, JSON Schema, versions, diffs, audits.", no_args_is_help=True)
 app.add_typer(constitution_app, name="constitution")
 
 

@@ -71,7 +71,9 @@ def critique(db: DbOption = None,
              limit: Annotated[int | None, typer.Option(help="At most this many generations.")] = None,
              batch_size: Annotated[int, typer.Option(help="Generations per engine call and per write.")] = 256,
              report: Annotated[bool, typer.Option("--report", help="Only print how the rounds went, per "
-                                                                   "principle, and exit.")] = False) -> None:
+                                                                   "principle, and exit.")] = False,
+             changed: Annotated[bool, typer.Option("--changed", help="After editing the constitution: redo only the "
+                                                   "rounds its edit touched, carry the others over.")] = False) -> None:
     """Critique and revise initial generations by sampled constitution principles (SL-CAI; resumable)."""
     from pydantic import ValidationError
 
@@ -91,7 +93,8 @@ def critique(db: DbOption = None,
                              revision_max_tokens=revision_max_tokens, seed=seed,
                              max_revision_chars=max_revision_chars, max_growth=max_growth,
                              generation_model=generation_model, split=split, category=category, limit=limit,
-                             batch_size=batch_size, engine_options=engine_options(base_url, engine_option), shard=shard)
+                             batch_size=batch_size, engine_options=engine_options(base_url, engine_option), shard=shard,
+                             changed=changed)
     except ValidationError as e:
         fail(_validation_message(e))
     try:

@@ -101,7 +101,10 @@ def label(db: DbOption = None,
           split: Annotated[str | None, typer.Option(help="train | test")] = None,
           limit: Annotated[int | None, typer.Option(help="At most this many pairs.")] = None,
           batch_size: Annotated[int, typer.Option(help="Pairs per engine call and per write.")] = 32,
-          seed: Annotated[int, typer.Option(help="Seeds the principle draw per pair.")] = 0) -> None:
+          seed: Annotated[int, typer.Option(help="Seeds the principle draw per pair.")] = 0,
+          changed: Annotated[bool, typer.Option("--changed", help="After editing the constitution: judge again only "
+                                                "the pairs its edit touched, carry the other labels over.")]
+          = False) -> None:
     """Label pairs of responses with an AI judge into `comparisons` (resumable)."""
     from pydantic import ValidationError
 
@@ -113,7 +116,7 @@ def label(db: DbOption = None,
         cfg = LabelConfig(judge=judge, constitution=constitution,
                           pairs=[p.strip() for p in pairs.split(",") if p.strip()], model=model, engine=engine,
                           engine_options=engine_options(base_url, engine_option), shard=shard, split=split, limit=limit,
-                          batch_size=batch_size, seed=seed)
+                          batch_size=batch_size, seed=seed, changed=changed)
     except ValidationError as e:
         fail("; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))
     try:
