@@ -114,6 +114,8 @@ def test_label_changed_judges_exactly_the_touched_pairs(labelled, tmp_path):
         principle(d, target)["critique"] = "Changed too, but the judge never reads it."
         if removed:
             d["principles"] = [p for p in d["principles"] if p["id"] != removed]
+            # A few-shot example of a removed principle would no longer lint.
+            d["examples"] = [e for e in d.get("examples", []) if e.get("principle") != removed]
 
     new_file = edited(tmp_path, "harmless-v2", edit)
     new = load_constitution(new_file)
