@@ -282,18 +282,19 @@ def run_critique(store: Store, cfg: CritiqueConfig, *, engine: Engine | None = N
         summary["seconds"] = round(time.time() - started, 2)
         return summary
 
+    # Build the engine before writing anything: a bad engine must leave no run row or model behind.
+    engine = engine or get_engine(cfg.engine, model_path, **cfg.engine_options)
     run_id = store.start_run("critique", {**cfg.model_dump(), "constitution_hash": constitution.hash,
                                           "params_hash": summary["params_hash"]})
-    with store.write() as con:
-        store.register_constitution(constitution, con=con)
-        store.register_model(model_id, "base", model_path, con=con)
-    engine = engine or get_engine(cfg.engine, model_path, **cfg.engine_options)
     examples = constitution.examples[:n_examples(constitution, cfg.few_shot)]
     budget = cfg.max_context - cfg.critique_max_tokens - cfg.revision_max_tokens
     statuses: Counter[str] = Counter()
     tokens, engine_seconds = 0, 0.0
     bar = tqdm(total=rounds_left, desc=f"critique ({cfg.engine})", unit="revision", disable=not progress)
     try:
+        with store.write() as con:
+            store.register_constitution(constitution, con=con)
+            store.register_model(model_id, "base", model_path, con=con)
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start:start + cfg.batch_size]
             for round_ in range(1, cfg.rounds + 1):

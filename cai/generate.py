@@ -103,13 +103,15 @@ def run_generate(store: Store, cfg: GenerateConfig, *, engine: Engine | None = N
         summary["seconds"] = round(time.time() - started, 2)
         return summary
 
-    run_id = store.start_run("generate", cfg.model_dump())
-    store.register_model(model_id, "base", model_path)
+    # The engine is built (and its options checked) before anything is written: a bad engine or a
+    # missing --base-url must leave no run row and no model behind.
     engine = engine or get_engine(cfg.engine, model_path, **cfg.engine_options)
+    run_id = store.start_run("generate", cfg.model_dump())
     params_json = json.dumps(params.to_dict())
     gen_seconds = 0.0
     bar = tqdm(total=len(todo), desc=f"generate ({cfg.engine})", unit="prompt", disable=not progress)
     try:
+        store.register_model(model_id, "base", model_path)
         for first, chunk in contiguous_chunks(prompts, todo, cfg.batch_size):
             # Request i of an engine call samples with seed + i, so offsetting the seed by the chunk's
             # position among *all* selected prompts gives every prompt the same seed whether it is

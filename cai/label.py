@@ -150,12 +150,10 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
         summary["seconds"] = round(time.time() - started, 2)
         return summary
 
+    # Build the engine before writing anything: a bad engine must leave no run row or model behind.
+    engine = engine or judge_engine(spec, judge_path, cfg.engine, cfg.engine_options)
     run_id = store.start_run("label", {**cfg.model_dump(), "judge_spec_hash": spec.hash,
                                        "constitution_hash": constitution.hash})
-    with store.write() as con:
-        store.register_constitution(constitution, con=con)
-        store.register_model(judge_model_id, "base", judge_path, con=con)
-    engine = engine or judge_engine(spec, judge_path, cfg.engine, cfg.engine_options)
     judge = Judge(spec, engine, principle_refs(constitution), seed=cfg.seed)
     params = json.dumps({"top_k": spec.top_k, "min_option_prob": spec.min_option_prob,
                          "both_orderings": spec.both_orderings, "principles": spec.principles.model_dump(),
@@ -165,6 +163,9 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
     judge_seconds = 0.0
     bar = tqdm(total=len(todo), desc=f"label ({spec.name}, {engine_kind})", unit="pair", disable=not progress)
     try:
+        with store.write() as con:
+            store.register_constitution(constitution, con=con)
+            store.register_model(judge_model_id, "base", judge_path, con=con)
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start:start + cfg.batch_size]
             inputs = [PairInput(p["comparison_id"], p["messages"], p["a_text"], p["b_text"]) for p in chunk]

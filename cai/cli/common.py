@@ -28,6 +28,15 @@ def _store(db: Path | None) -> Store:
     return Store(db or default_db_path())
 
 
+def _existing_store(db: Path | None) -> Store:
+    """The store of a command that only reads: a file that doesn't exist is an error, not a new store."""
+    store = _store(db)
+    if not store.path.exists():
+        fail(f"{store.path} does not exist yet; check --db (or $CAI_DB), or create it with `cai ingest FILE` "
+             "or `cai db init`")
+    return store
+
+
 def fail(message: str, code: int = 1) -> None:
     err.print("[bold red]error:[/] ", end="")
     err.print(message, markup=False, highlight=False, soft_wrap=True)
