@@ -925,7 +925,7 @@ class PPOTrainer:
             raise RuntimeError(f"checkpoint {path} does not match the policy: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
         self.policy.tie_weights()
-        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=False)
+        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=True)
         self.critic.load_state_dict(state["critic"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])

@@ -85,7 +85,11 @@ def _train_config(cls, explicit: dict, sets: list[str] | None = None, config: Pa
         key, sep, value = item.partition("=")
         if not sep:
             fail(f"--set {item!r}: use KEY=VALUE")
-        fields[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            fields[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            fail(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                 "quote strings that contain ':', '[' or '{'")
     try:
         return cls(**fields)
     except ValidationError as e:
