@@ -166,7 +166,6 @@ def test_learns_planted_preference(planted):
     store, summary, cfg = planted
     assert summary["finished"] and summary["steps"] == 25
     assert summary["val"]["accuracy"] > 0.95, summary
-    assert summary["train_seconds"] < 30  # about 3 s on one CPU thread
     print(f"planted preference: val accuracy {summary['val']['accuracy']} in {summary['train_seconds']}s")
 
     # per-step train metrics and per-eval validation metrics, under the model id
