@@ -28,6 +28,8 @@ TABLE = [
      False),
     ("sft-config-missing", ["sft", "--db", "{db}", "--config", "{db}.missing.yaml"], "no such file", False),
     ("constitution-lint-directory", ["constitution", "lint", "{repo}/constitutions"], "is a directory", False),
+    ("run-unknown-stage", ["run", "{repo}/flows/demo.yaml", "--stages", "generate,nope", "--check"],
+     "'nope' is not among", False),
     ("db-info-missing-db", ["db", "info", "--db", "{db}"], "does not exist yet", False),
     ("sql-missing-db", ["sql", "select 1", "--db", "{db}"], "does not exist yet", False),
     ("runs-missing-db", ["runs", "--db", "{db}"], "does not exist yet", False),
