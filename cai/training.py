@@ -280,6 +280,18 @@ class MetricsBuffer:
             self.rows = []
 
 
+def check_same_training(out_dir: Path, meta: dict[str, Any], fingerprint: str, data_key: str,
+                        snapshot: dict[str, Any]) -> None:
+    """A finished model folder is reused only if it was trained from this config and this data (its
+    fingerprint; folders from before fingerprints: the data hash). Otherwise: a clear error, nothing
+    overwritten, because the folder's name (an explicit model id or output dir) is not its content."""
+    stored = meta.get("fingerprint")
+    same = stored == fingerprint if stored else meta.get("data_snapshot", {}).get(data_key) == snapshot.get(data_key)
+    if not same:
+        raise ValueError(f"{out_dir} holds a model trained from another config or other data; give another "
+                         "--model-id / output_dir, or delete that folder to retrain it")
+
+
 def model_folder(store: Store, cfg: TrainingConfig, model_id: str) -> Path:
     return Path(cfg.output_dir) if cfg.output_dir else store.path.parent / "models" / model_id
 
