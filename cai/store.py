@@ -168,7 +168,9 @@ class Store:
             return 0
         if con is None:
             with self.write() as c:
-                return insert_rows(c, table, rows)
+                n = insert_rows(c, table, rows)
+            _fault_point(table)
+            return n
         return insert_rows(con, table, rows)
 
     def existing_ids(self, table: str, key: str, ids: Sequence[str]) -> set[str]:
@@ -265,6 +267,26 @@ class Store:
                 tables.append({"name": name, "type": "view" if kind == "VIEW" else "table", "rows": count})
         size = self.path.stat().st_size if self.path.exists() else 0
         return {"path": str(self.path), "schema_version": version, "bytes": size, "tables": tables}
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def _fault_point(table: str) -> None:
+    """Test hook: ``CAI_FAULT=TABLE:N[:SIGNAL]`` kills this process (SIGKILL by default, or SIGTERM,
+    SIGINT) right after its N-th committed batch into TABLE, so fault tests kill at a known point
+    instead of racing a timer. Unset in normal use; never set it in production."""
+    spec = os.environ.get("CAI_FAULT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != table:
+        return
+    _FAULT_COUNTS[table] = _FAULT_COUNTS.get(table, 0) + 1
+    if _FAULT_COUNTS[table] == int(parts[1]):
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, parts[2] if len(parts) > 2 else "SIGKILL"))
 
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|authorization|credentials?|(^|_)token)$", re.I)
