@@ -388,6 +388,8 @@ def run_critique(store: Store, cfg: CritiqueConfig, *, engine: Engine | None = N
         summary["seconds"] = round(time.time() - started, 2)
         return summary
 
+    # Build the engine before writing anything: a bad engine must leave no run row or model behind.
+    engine = engine or get_engine(cfg.engine, model_path, **cfg.engine_options)
     run_id = start_critique_run(store, cfg, constitution, model_id, model_path)
     if carried:
         summary["carried"] = store.insert("revisions", [{**r, "run_id": run_id} for r in carried])

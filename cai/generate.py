@@ -163,6 +163,9 @@ def run_generate(store: Store, cfg: GenerateConfig, *, engine: Engine | None = N
         summary["seconds"] = round(time.time() - started, 2)
         return summary
 
+    # The engine is built (and its options checked) before anything is written: a bad engine or a
+    # missing --base-url must leave no run row and no model behind.
+    engine = engine or get_engine(cfg.engine, plan.model_path, **cfg.engine_options)
     run_id = store.start_run("generate", cfg.model_dump())
     store.register_model(plan.model_id, "base", plan.model_path)
     stats: dict[str, Any] = {}

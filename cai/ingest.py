@@ -180,14 +180,14 @@ def ingest_file(store: Store, path: str | Path, *, skip_invalid: bool = False, t
     if bad and not skip_invalid:
         raise IngestError(str(path), bad)
     result.skipped = bad
-    run_id = store.start_run("ingest", {"path": str(path), "skip_invalid": skip_invalid,
-                                        "test_fraction": test_fraction})
-    stamp = now()
-    for row in rows.values():
-        row["run_id"], row["created_at"] = run_id, stamp
-    result.inserted = store.insert("prompts", list(rows.values()))
-    result.already_present = len(rows) - result.inserted
-    store.finish_run(run_id, summary={"read": result.read, "inserted": result.inserted,
-                                      "already_present": result.already_present,
-                                      "skipped": len(bad), "duplicates_in_file": result.duplicates_in_file})
+    with store.run("ingest", {"path": str(path), "skip_invalid": skip_invalid,
+                              "test_fraction": test_fraction}) as run:
+        stamp = now()
+        for row in rows.values():
+            row["run_id"], row["created_at"] = run["run_id"], stamp
+        result.inserted = store.insert("prompts", list(rows.values()))
+        result.already_present = len(rows) - result.inserted
+        run["summary"] = {"read": result.read, "inserted": result.inserted,
+                          "already_present": result.already_present,
+                          "skipped": len(bad), "duplicates_in_file": result.duplicates_in_file}
     return result

@@ -359,8 +359,14 @@ def run_judge_eval(store: Store | None, path: str | Path, spec: JudgeSpec, engin
 
 
 def write_evaluations(store: Store, report: JudgeEvalReport, tag: str) -> int:
-    run_id = store.start_run("judge-eval", {"judge": report.judge, "spec_hash": report.spec_hash,
-                                            "dataset": report.dataset, **report.details})
+    with store.run("judge-eval", {"judge": report.judge, "spec_hash": report.spec_hash,
+                                  "dataset": report.dataset, **report.details}) as run:
+        n = _write_evaluation_rows(store, report, tag, run["run_id"])
+        run["summary"] = {"metrics": report.metrics, "rows": n, "seconds": report.seconds}
+    return n
+
+
+def _write_evaluation_rows(store: Store, report: JudgeEvalReport, tag: str, run_id: str) -> int:
     common = {"judge": report.judge, "method": report.method, "model_id": report.model_id,
               "engine": report.engine, "n": report.n, "plot": report.plot, "items_file": report.items_file,
               **report.details}
@@ -388,6 +394,4 @@ def write_evaluations(store: Store, report: JudgeEvalReport, tag: str) -> int:
                          "details": json.dumps({**common, "principle": pr["principle"], "principle_n": pr["n"],
                                                 "principle_invalid": pr["invalid"], **extra}, default=str),
                          "run_id": run_id, "created_at": stamp})
-    n = store.insert("evaluations", rows)
-    store.finish_run(run_id, "ok", {"metrics": report.metrics, "rows": n, "seconds": report.seconds})
-    return n
+    return store.insert("evaluations", rows)

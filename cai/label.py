@@ -238,6 +238,8 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
         summary["seconds"] = round(time.time() - started, 2)
         return summary
 
+    # Build the engine before writing anything: a bad engine must leave no run row or model behind.
+    engine = engine or judge_engine(plan.spec, plan.judge_path, cfg.engine, cfg.engine_options)
     run_id = start_label_run(store, cfg, plan)
     if plan.carried:
         summary["carried"] = store.insert("comparisons", [{**r, "run_id": run_id} for r in plan.carried])

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from cai import runs
 from cai.models import DEFAULT_MODEL, resolve_in_store
 from cai.store import Store, content_hash, now
 from cai.training import sigterm_as_interrupt
@@ -925,7 +926,7 @@ class PPOTrainer:
             raise RuntimeError(f"checkpoint {path} does not match the policy: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
         self.policy.tie_weights()
-        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=False)
+        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=True)
         self.critic.load_state_dict(state["critic"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -1036,7 +1037,11 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
         value_id, value_path = policy_id, policy_path
 
     ids = {"policy": policy_id, "ref": ref_id, "reward": reward_id, "value": value_id}
-    key = cfg.training_key(ids)
+    # The prompt set is part of what is trained: other prompts (new ones ingested) are another model.
+    selected = select_prompts(store, split=cfg.split, category=cfg.category, limit=cfg.limit)
+    held_out = select_prompts(store, split=cfg.eval_split, category=cfg.category) if cfg.eval_split else []
+    prompt_set = content_hash(sorted(p["prompt_id"] for p in selected), sorted(p["prompt_id"] for p in held_out))
+    key = content_hash(cfg.training_key(ids), prompt_set, length=12)
     model_id = f"ppo-{content_hash(key, cfg.steps, length=12)}"
     root = models_root(store, cfg.output_dir)
     out_dir, ckpt_root = root / model_id, root / "checkpoints" / f"ppo-{key}"
@@ -1047,14 +1052,13 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
 
     # ---- prompts -------------------------------------------------------------------------------
     trainer = PPOTrainer(cfg, policy_path, ref_path, value_path, reward, device)
-    prompts = [p for p in select_prompts(store, split=cfg.split, category=cfg.category, limit=cfg.limit)
-               if trainer.prompt_length(p["messages"]) <= cfg.max_prompt_tokens]
+    prompts = [p for p in selected if trainer.prompt_length(p["messages"]) <= cfg.max_prompt_tokens]
     if len(prompts) < 1:
         raise LookupError(f"no {cfg.split or ''} prompts in {store.path} (of at most {cfg.max_prompt_tokens} "
                           "tokens); load some with `cai ingest FILE`")
     eval_prompts = []
     if cfg.eval_split:
-        eval_prompts = [p for p in select_prompts(store, split=cfg.eval_split, category=cfg.category)
+        eval_prompts = [p for p in held_out
                         if trainer.prompt_length(p["messages"]) <= cfg.max_prompt_tokens][:cfg.eval_prompts]
 
     # ---- resume or start -----------------------------------------------------------------------
@@ -1068,8 +1072,9 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
         with store.write() as con:  # forget what the crashed run logged after its checkpoint
             con.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, meta["step"]])
             con.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", [run_id, meta["step"]])
-            con.execute("UPDATE runs SET status = 'running', finished_at = NULL, error = NULL WHERE run_id = ?",
-                        [run_id])
+            con.execute("UPDATE runs SET status = 'running', finished_at = NULL, error = NULL, host = ?, pid = ?, "
+                        "heartbeat_at = ? WHERE run_id = ?", [runs.host(), os.getpid(), now(), run_id])
+        runs.attach(store, run_id)  # this process owns the resumed run now (heartbeat, SIGTERM)
     if run_id is None:
         run_id = store.start_run("ppo", {**cfg.model_dump(), **{f"{k}_id": v for k, v in ids.items()},
                                          "model_id": model_id})

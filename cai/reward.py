@@ -55,6 +55,7 @@ from cai.training import (
     NoMetrics,
     TrainingConfig,
     autocast_for,
+    check_same_training,
     clip_gradients,
     data_order,
     latest_checkpoint,
@@ -392,8 +393,10 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
                  "val_prompt_ids_hash": content_hash(sorted({p.prompt_id for p in val_pairs}))}
     summary: dict[str, Any] = {"model_id": model_id, "path": str(out_dir), "base_model_id": base_id,
                                "pairs": len(pairs), "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
+    fingerprint = content_hash("reward", config_hash, snapshot["comparison_ids_hash"])
     if (out_dir / "cai_reward.json").exists():  # finished before: make sure it is registered, do nothing else
         meta = json.loads((out_dir / "cai_reward.json").read_text())
+        check_same_training(out_dir, meta, fingerprint, "comparison_ids_hash", snapshot)
         store.register_model(model_id, "reward", str(out_dir.resolve()), base_model_id=base_id, parent_ids=[base_id],
                              params=meta.get("params"), data_snapshot=meta.get("data_snapshot"))
         return summary | {"already_trained": True, "offset": meta.get("offset"),
@@ -525,7 +528,7 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
         (out_dir / "training_data.json").write_text(json.dumps(
             {"train_comparison_ids": train.comparison_ids, "val_comparison_ids": val.comparison_ids}))
         params = cfg.model_dump() | {"lr": cfg.peak_lr, "total_steps": total_steps, "offset": offset}
-        write_meta(out_dir, {"model_id": model_id, "offset": offset, "base_model": base_id, "chat_template": True,
+        write_meta(out_dir, {"model_id": model_id, "fingerprint": fingerprint, "offset": offset, "base_model": base_id, "chat_template": True,
                              "max_length": cfg.max_length, "truncation": "left", "pooling": "last_token",
                              "params": params, "data_snapshot": snapshot, "val_metrics": val_metrics})
         store.register_model(model_id, "reward", str(out_dir.resolve()), base_model_id=base_id, parent_ids=[base_id],

@@ -12,7 +12,7 @@ _V1_TABLES = [
     CREATE TABLE runs (
         run_id VARCHAR PRIMARY KEY,
         stage VARCHAR NOT NULL,
-        status VARCHAR NOT NULL,            -- running | ok | failed | interrupted
+        status VARCHAR NOT NULL,            -- running | ok | failed | interrupted | stopped | stale
         started_at TIMESTAMP,
         finished_at TIMESTAMP,
         params JSON,
@@ -406,6 +406,10 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (1, _V1_TABLES + _V1_VIEWS),
     (2, _V2_VIEWS),
     (3, _V3_VIEWS),
+    # Issue 15: a run records the process that owns it and a heartbeat, so the next command that opens
+    # the store can tell a run whose process is gone (SIGKILL, power loss) and mark it ``stale``.
+    (6, ["ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER",
+         "ALTER TABLE runs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMP"]),
     (7, _V7),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -51,6 +51,7 @@ from cai.training import (
     NoMetrics,
     TrainingConfig,
     autocast_for,
+    check_same_training,
     clip_gradients,
     data_order,
     latest_checkpoint,
@@ -258,8 +259,10 @@ def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: 
     summary: dict[str, Any] = {"model_id": model_id, "path": str(out_dir), "base_model_id": base_id,
                                "pairs": len(pairs), "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
     params = cfg.model_dump() | {"lr": cfg.peak_lr}
+    fingerprint = content_hash("sft", config_hash, snapshot["revision_ids_hash"])
     if (out_dir / META_FILE).exists():  # finished before: make sure it is registered, do nothing else
         meta = json.loads((out_dir / META_FILE).read_text())
+        check_same_training(out_dir, meta, fingerprint, "revision_ids_hash", snapshot)
         store.register_model(model_id, "policy", str(out_dir.resolve()), base_model_id=base_id, parent_ids=[base_id],
                              params=meta.get("params"), data_snapshot=meta.get("data_snapshot"))
         return summary | {"already_trained": True, "val": meta.get("val_metrics"),
@@ -369,6 +372,7 @@ def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: 
         params |= {"total_steps": total_steps}
         (out_dir / META_FILE).write_text(json.dumps({
             "format": "cai-sft/1", "model_id": model_id, "base_model": base_id, "params": params,
+            "fingerprint": fingerprint,
             "data_snapshot": snapshot, "val_metrics": val_metrics}, indent=2, default=str))
         store.register_model(model_id, "policy", str(out_dir.resolve()), base_model_id=base_id, parent_ids=[base_id],
                              params=params, data_snapshot=snapshot, run_id=run_id)

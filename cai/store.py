@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import random
+import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -31,6 +33,11 @@ from cai.schema import MIGRATIONS, SCHEMA_VERSION
 DEFAULT_DB = Path("data") / "cai.duckdb"
 # Written so the duckdb 1.5 CLI (and Python duckdb 1.5) can still open our files.
 STORAGE_COMPATIBILITY = "v1.5.0"
+
+
+# One connection at a time per process: DuckDB refuses a read-only connection to a file this process
+# already holds read-write, and the run heartbeat (cai.runs) writes from a thread of its own.
+_IN_PROCESS = threading.RLock()
 
 
 class StoreLockedError(RuntimeError):
@@ -94,6 +101,11 @@ class Store:
     @contextmanager
     def write(self, timeout: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-write connection inside one transaction; committed on success, closed after."""
+        with _IN_PROCESS, self._write(timeout) as con:
+            yield con
+
+    @contextmanager
+    def _write(self, timeout: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         con = self._connect(read_only=False, timeout=self.lock_timeout if timeout is None else timeout)
         try:
             if not self._migrated:
@@ -113,14 +125,15 @@ class Store:
     def read(self, timeout: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-only connection (waits briefly for a writer to let go). Never takes the write lock,
         except once to create or migrate a file that is missing or older than this code."""
-        if not self._migrated and (not self.path.exists() or self._file_version() < SCHEMA_VERSION):
-            self.init()
-        self._migrated = True
-        con = self._connect(read_only=True, timeout=self.lock_timeout if timeout is None else timeout)
-        try:
-            yield con
-        finally:
-            con.close()
+        with _IN_PROCESS:
+            if not self._migrated and (not self.path.exists() or self._file_version() < SCHEMA_VERSION):
+                self.init()
+            self._migrated = True
+            con = self._connect(read_only=True, timeout=self.lock_timeout if timeout is None else timeout)
+            try:
+                yield con
+            finally:
+                con.close()
 
     def _file_version(self) -> int:
         con = self._connect(read_only=True, timeout=self.lock_timeout)
@@ -155,7 +168,9 @@ class Store:
             return 0
         if con is None:
             with self.write() as c:
-                return insert_rows(c, table, rows)
+                n = insert_rows(c, table, rows)
+            _fault_point(table)
+            return n
         return insert_rows(con, table, rows)
 
     def existing_ids(self, table: str, key: str, ids: Sequence[str]) -> set[str]:
@@ -170,21 +185,44 @@ class Store:
 
     # ---- runs (one row per stage invocation) -----------------------------------------------
     def start_run(self, stage: str, params: dict[str, Any]) -> str:
+        """Open a ``running`` row owned by this process (host, pid, heartbeat; see ``cai.runs``).
+        Call it only once everything the stage needs is validated, so a bad input writes nothing."""
+        from cai import runs
+
+        runs.reap_stale(self)
         run_id = f"{stage}-{now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        stamp = now()
         self.insert("runs", [{
-            "run_id": run_id, "stage": stage, "status": "running", "started_at": now(),
-            "params": json.dumps(params, default=str), "cai_version": __version__,
-            "host": os.uname().nodename,
+            "run_id": run_id, "stage": stage, "status": "running", "started_at": stamp,
+            "params": json.dumps(redact(params), default=str), "cai_version": __version__,
+            "host": runs.host(), "pid": os.getpid(), "heartbeat_at": stamp,
         }])
+        runs.attach(self, run_id)
         return run_id
 
     def finish_run(self, run_id: str, status: str = "ok", summary: dict[str, Any] | None = None,
                    error: str | None = None) -> None:
+        from cai import runs
+
+        runs.detach(run_id)
         with self.write() as con:
             con.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, summary = ?, error = ? WHERE run_id = ?",
                 [status, now(), json.dumps(summary or {}, default=str), error, run_id],
             )
+
+    @contextmanager
+    def run(self, stage: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """``with store.run(stage, params) as r:`` opens a run and closes it ``ok`` (summary =
+        ``r["summary"]``), ``interrupted`` (Ctrl-C, SIGTERM) or ``failed`` (any other error)."""
+        r: dict[str, Any] = {"run_id": self.start_run(stage, params), "summary": {}}
+        try:
+            yield r
+        except BaseException as e:
+            self.finish_run(r["run_id"], "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                            r["summary"], error=repr(e))
+            raise
+        self.finish_run(r["run_id"], "ok", r["summary"])
 
     # ---- registries ------------------------------------------------------------------------
     def register_constitution(self, constitution: Any, con: duckdb.DuckDBPyConnection | None = None) -> str:
@@ -229,6 +267,44 @@ class Store:
                 tables.append({"name": name, "type": "view" if kind == "VIEW" else "table", "rows": count})
         size = self.path.stat().st_size if self.path.exists() else 0
         return {"path": str(self.path), "schema_version": version, "bytes": size, "tables": tables}
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def _fault_point(table: str) -> None:
+    """Test hook: ``CAI_FAULT=TABLE:N[:SIGNAL]`` kills this process (SIGKILL by default, or SIGTERM,
+    SIGINT) right after its N-th committed batch into TABLE, so fault tests kill at a known point
+    instead of racing a timer. Unset in normal use; never set it in production."""
+    spec = os.environ.get("CAI_FAULT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != table:
+        return
+    _FAULT_COUNTS[table] = _FAULT_COUNTS.get(table, 0) + 1
+    if _FAULT_COUNTS[table] == int(parts[1]):
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, parts[2] if len(parts) > 2 else "SIGKILL"))
+
+
+_SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|authorization|credentials?|(^|_)token)$", re.I)
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """``value`` with secrets replaced by ``***``: values of keys that name a secret (api_key, token,
+    password, ...) and the user:password part of URLs, so ``runs.params`` never stores a credential."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v, key) for v in value]
+    if key and _SECRET_KEY.search(key) and value not in (None, ""):
+        return "***"
+    if isinstance(value, str):
+        return _URL_USERINFO.sub(r"\g<scheme>***@", value)
+    return value
 
 
 def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[dict[str, Any]]) -> int:

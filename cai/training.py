@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 import signal
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai.models import DEFAULT_MODEL
 from cai.store import Store, content_hash, now
@@ -29,6 +30,9 @@ from cai.store import Store, content_hash, now
 # out of the model id, so changing them does not start a new model (or break a resume).
 RUNTIME_FIELDS = {"model_id", "output_dir", "eval_every", "save_every", "keep_checkpoints", "log_every",
                   "eval_batch_size", "device", "num_processes"}
+
+
+SAFE_MODEL_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class TrainingConfig(BaseModel):
@@ -41,6 +45,15 @@ class TrainingConfig(BaseModel):
     base_model: str = Field(DEFAULT_MODEL, description="Starting point: built-in name, store model id or HF folder.")
     model_id: str | None = Field(None, description="Id for the new model (default: <kind>-<hash of config and data>).")
     output_dir: str | None = Field(None, description="Model folder (default: <db folder>/models/<model id>).")
+
+    @field_validator("model_id")
+    @classmethod
+    def _safe_model_id(cls, v: str | None) -> str | None:
+        # The id names a folder under <db folder>/models that a retrain deletes recursively: no path tricks.
+        if v is not None and not SAFE_MODEL_ID.fullmatch(v):
+            raise ValueError(f"{v!r} is not a usable model id: use letters, digits, '.', '_' and '-' only, "
+                             "starting with a letter or digit, and no '..'")
+        return v
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts held out for validation.")
     max_length: int = Field(1024, ge=8, description="Tokens per sequence (prompt loses tokens first).")
     # --- optimisation ---
@@ -243,7 +256,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         raise RuntimeError(f"{path}: checkpoint lacks {sorted(missing)[:3]}...")
     model.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return state
 
 
@@ -267,6 +280,18 @@ class MetricsBuffer:
         if self.rows:
             self.store.insert("metrics", self.rows)
             self.rows = []
+
+
+def check_same_training(out_dir: Path, meta: dict[str, Any], fingerprint: str, data_key: str,
+                        snapshot: dict[str, Any]) -> None:
+    """A finished model folder is reused only if it was trained from this config and this data (its
+    fingerprint; folders from before fingerprints: the data hash). Otherwise: a clear error, nothing
+    overwritten, because the folder's name (an explicit model id or output dir) is not its content."""
+    stored = meta.get("fingerprint")
+    same = stored == fingerprint if stored else meta.get("data_snapshot", {}).get(data_key) == snapshot.get(data_key)
+    if not same:
+        raise ValueError(f"{out_dir} holds a model trained from another config or other data; give another "
+                         "--model-id / output_dir, or delete that folder to retrain it")
 
 
 def model_folder(store: Store, cfg: TrainingConfig, model_id: str) -> Path:

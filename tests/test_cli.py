@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import typer
 
 CAI = str(Path(sys.executable).parent / "cai")
 
@@ -20,9 +21,15 @@ def cai(*args, db=None, check=True, **kw):
 
 
 def test_help_lists_commands():
-    out = cai("--help").stdout
-    for cmd in ["ingest", "generate", "sql", "db", "models", "constitution"]:
-        assert cmd in out
+    from cai.cli import app
+
+    # Compare the registered command names (not substrings of the help text, which any word matches).
+    names = {c.name for c in typer.main.get_command(app).commands.values()}
+    for cmd in ["ingest", "generate", "sql", "db", "models", "constitution", "runs", "critique", "label", "sft",
+                "train-rm", "ppo", "dpo", "evaluate", "run"]:
+        assert cmd in names, sorted(names)
+    out = cai("--help")
+    assert out.returncode == 0 and "runs" in out.stdout
 
 
 def test_ingest_sql_and_db_info(tmp_path, demo_prompt_files):

@@ -139,7 +139,9 @@ def transformers_engine():
 
 @pytest.fixture(scope="module")
 def vllm_engine():
-    pytest.importorskip("vllm")
+    # vLLM is a declared dependency: a broken install must fail here, not skip quietly.
+    import vllm  # noqa: F401
+
     from cai.engines.vllm_engine import VLLMEngine
 
     with pytest.MonkeyPatch.context() as mp:

@@ -1,15 +1,16 @@
-import time
+from pathlib import Path
 
 import pytest
 
 from cai import models
 
 
-def test_pull_is_instant_once_materialised(smol_path):
-    t0 = time.time()
+def test_pull_reuses_the_materialised_folder(smol_path):
+    # Reuse is shown by the folder's files not being rewritten (no timing assert: speed lives in bench/).
+    before = {f.name: f.stat().st_mtime_ns for f in Path(smol_path).iterdir() if f.is_file()}
     path = models.pull(models.DEFAULT_MODEL)
-    assert time.time() - t0 < 1.0
     assert str(path) == smol_path
+    assert {f.name: f.stat().st_mtime_ns for f in Path(smol_path).iterdir() if f.is_file()} == before
     for f in ["config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"]:
         assert (path / f).exists(), f
 

@@ -166,7 +166,6 @@ def test_learns_planted_preference(planted):
     store, summary, cfg = planted
     assert summary["finished"] and summary["steps"] == 25
     assert summary["val"]["accuracy"] > 0.95, summary
-    assert summary["train_seconds"] < 30  # about 3 s on one CPU thread
     print(f"planted preference: val accuracy {summary['val']['accuracy']} in {summary['train_seconds']}s")
 
     # per-step train metrics and per-eval validation metrics, under the model id
@@ -205,6 +204,10 @@ def test_learns_planted_preference(planted):
     # a second identical call finds the finished model instead of training again
     again = train_reward(store, cfg, progress=False)
     assert again["already_trained"] and again["model_id"] == summary["model_id"]
+    # ...but the same folder name with another config is not "already done": content decides.
+    changed = cfg.model_copy(update={"lr": cfg.lr / 3, "model_id": summary["model_id"]})
+    with pytest.raises(ValueError, match="trained from another config or other data"):
+        train_reward(store, changed, progress=False)
 
 
 def test_saved_model_is_a_plain_hf_checkpoint(planted):

@@ -155,6 +155,12 @@ def test_sft_lowers_loss_registers_model_and_generates(sl_store, tiny_policy_dir
     again = run_sft(sl_store, cfg, progress=False)
     assert again["already_trained"] and again["model_id"] == summary["model_id"]
     assert sl_store.scalar("select count(*) from runs where stage = 'sft'") == 1
+    # The same folder (explicit model id) with another config is refused, not silently reused.
+    changed = cfg.model_copy(update={"lr": cfg.lr / 2, "model_id": summary["model_id"],
+                                     "output_dir": summary["path"]})
+    with pytest.raises(ValueError, match="trained from another config or other data"):
+        run_sft(sl_store, changed, progress=False)
+    assert sl_store.scalar("select count(*) from runs where stage = 'sft'") == 1
 
 
 def test_lora_is_merged_into_a_plain_checkpoint(sl_store, tiny_policy_dir, tmp_path):

@@ -8,6 +8,7 @@ concern on it. They are imported here in the order the commands appear in `cai -
 # isort: off
 from cai.cli import models  # noqa: F401
 from cai.cli import db  # noqa: F401
+from cai.cli import runs  # noqa: F401
 from cai.cli import constitution  # noqa: F401
 from cai.cli import constitution_versions  # noqa: F401
 from cai.cli import data  # noqa: F401

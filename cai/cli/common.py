@@ -28,6 +28,15 @@ def _store(db: Path | None) -> Store:
     return Store(db or default_db_path())
 
 
+def _existing_store(db: Path | None) -> Store:
+    """The store of a command that only reads: a file that doesn't exist is an error, not a new store."""
+    store = _store(db)
+    if not store.path.exists():
+        fail(f"{store.path} does not exist yet; check --db (or $CAI_DB), or create it with `cai ingest FILE` "
+             "or `cai db init`")
+    return store
+
+
 def fail(message: str, code: int = 1) -> None:
     err.print("[bold red]error:[/] ", end="")
     err.print(message, markup=False, highlight=False, soft_wrap=True)
@@ -76,7 +85,11 @@ def _train_config(cls, explicit: dict, sets: list[str] | None = None, config: Pa
         key, sep, value = item.partition("=")
         if not sep:
             fail(f"--set {item!r}: use KEY=VALUE")
-        fields[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            fields[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            fail(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                 "quote strings that contain ':', '[' or '{'")
     try:
         return cls(**fields)
     except ValidationError as e:

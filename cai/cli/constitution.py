@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cai.cli.common import app, console, err
+from cai.cli.common import app, console, err, fail
 
 constitution_app = typer.Typer(help="Constitution files: lint, JSON Schema, versions, diffs, audits.", no_args_is_help=True)
 app.add_typer(constitution_app, name="constitution")
@@ -20,6 +20,9 @@ def constitution_lint(files: Annotated[list[Path], typer.Argument(help="Constitu
     """Report every problem in constitution files as file:line: field: message."""
     from cai.constitution import lint
 
+    for f in files:
+        if f.is_dir():
+            fail(f"{f} is a directory; give the constitution files, e.g. {f}/*.yaml")
     total = 0
     for f in files:
         problems = lint(f)

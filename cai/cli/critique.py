@@ -97,9 +97,12 @@ def critique(db: DbOption = None,
                              changed=changed)
     except ValidationError as e:
         fail(_validation_message(e))
+    from cai.engines import EngineConfigError
+
     try:
         summary = run_critique(store, cfg)
-    except (ModelNotFoundError, LookupError, StoreLockedError, SpecError, FileNotFoundError) as e:
+    except (ModelNotFoundError, LookupError, StoreLockedError, SpecError, FileNotFoundError,
+            EngineConfigError) as e:
         fail(str(e))
     console.print_json(json.dumps(summary, default=str))
     _print_critique_report(store, summary["constitution_hash"])

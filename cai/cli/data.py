@@ -73,8 +73,10 @@ def generate(db: DbOption = None,
                              engine_options=engine_options(base_url, engine_option), shard=shard)
     except ValidationError as e:
         fail("; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))
+    from cai.engines import EngineConfigError
+
     try:
         summary = run_generate(_store(db), cfg)
-    except (ModelNotFoundError, LookupError, StoreLockedError) as e:
+    except (ModelNotFoundError, LookupError, StoreLockedError, EngineConfigError) as e:
         fail(str(e))
     console.print_json(json.dumps(summary))

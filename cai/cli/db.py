@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cai.cli.common import DbOption, _store, app, console, fail, print_rows
+from cai.cli.common import DbOption, _existing_store, _store, app, console, fail, print_rows
 from cai.store import StoreLockedError
 
 db_app = typer.Typer(help="The DuckDB store.", no_args_is_help=True)
@@ -19,14 +19,21 @@ app.add_typer(db_app, name="db")
 @db_app.command("info")
 def db_info(db: DbOption = None) -> None:
     """Tables and views, row counts, schema version."""
-    store = _store(db)
+    from cai.runs import reap_stale
+
+    store = _existing_store(db)
     try:
+        marked = reap_stale(store)
         info = store.info()
+        by_status = store.query("SELECT status, count(*) AS n FROM runs GROUP BY status ORDER BY status")
     except StoreLockedError as e:
         fail(str(e))
     console.print(f"[bold]{info['path']}[/]  schema version {info['schema_version']}, {info['bytes'] / 1e6:.1f} MB",
                   soft_wrap=True)
     print_rows(info["tables"])
+    console.print("runs: " + (", ".join(f"{r['n']} {r['status']}" for r in by_status) or "none")
+                  + (f" ({marked} just marked stale: their process is gone; see `cai runs`)" if marked else ""),
+                  soft_wrap=True)
 
 
 @db_app.command("init")
@@ -52,9 +59,7 @@ def sql(query: Annotated[str, typer.Argument(help="SQL to run (read-only).")],
         fail(f"unknown --format {format!r}; use table, csv, json or parquet")
     if fmt == "parquet" and not out:
         fail("--format parquet needs --out FILE")
-    store = _store(db)
-    if not store.path.exists():
-        fail(f"{store.path} does not exist yet; run `cai ingest FILE` or `cai db init` first")
+    store = _existing_store(db)
     store.lock_timeout = wait
     try:
         with store.read() as con:

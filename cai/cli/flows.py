@@ -24,13 +24,22 @@ def run(run_file: Annotated[Path, typer.Argument(help="Pipeline run file (YAML),
         cfg = load_pipeline(run_file)
     except SpecError as e:
         fail(str(e))
+    only = [s.strip() for s in stages.split(",") if s.strip()] if stages is not None else None
+    if only is not None:
+        unknown = [s for s in only if s not in cfg.stages]
+        if unknown or not only:
+            fail(f"--stages {stages!r}: {', '.join(map(repr, unknown)) or 'no stage'} is not among "
+                 f"{run_file}'s stages ({', '.join(cfg.ordered_stages())})")
     if check:
-        console.print(f"{run_file}: ok; stages: {', '.join(cfg.ordered_stages())}")
+        console.print(f"{run_file}: ok; stages: {', '.join(o for o in cfg.ordered_stages() if not only or o in only)}")
         return
     from flows.pipeline import run_pipeline
 
-    only = [s.strip() for s in stages.split(",")] if stages else None
-    result = run_pipeline(run_file, only)
+    try:
+        result = run_pipeline(run_file, only)
+    except Exception as e:  # noqa: BLE001 - one line for the user; Prefect has logged the details
+        fail(f"the pipeline failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+             "(`cai runs` shows which stage and why)")
     console.print_json(json.dumps(result, default=str))
 
 

@@ -54,8 +54,32 @@ def engine_class(kind: str) -> type[Engine]:
     return getattr(importlib.import_module(module), cls)
 
 
+class EngineConfigError(ValueError):
+    """An engine asked for with options it can't be built from (a missing --base-url, an unknown option)."""
+
+
+def check_engine_options(kind: str, options: dict[str, Any]) -> None:
+    """Raise EngineConfigError unless ``engine_class(kind)(model, **options)`` binds: every required
+    option given, none unknown. Checked before a stage writes anything."""
+    import inspect
+
+    cls = engine_class(kind)
+    try:
+        inspect.signature(cls.__init__).bind(None, "model", **options)
+    except TypeError as e:
+        params = inspect.signature(cls.__init__).parameters
+        missing = [n for n, p in params.items() if n not in ("self", "model") and p.default is p.empty
+                   and p.kind is not p.VAR_KEYWORD and p.kind is not p.VAR_POSITIONAL and n not in options]
+        if missing:
+            flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+            raise EngineConfigError(f"engine {canonical_kind(kind)!r} needs {flags} "
+                                    f"(engine_options: {', '.join(missing)})") from None
+        raise EngineConfigError(f"engine {canonical_kind(kind)!r}: bad engine_options {sorted(options)}: {e}") from None
+
+
 def make_engine(kind: str, model: str, **options: Any) -> Engine:
     """A new engine of ``kind`` ("transformers"/"hf", "vllm", "openai") for ``model``."""
+    check_engine_options(kind, options)
     return engine_class(kind)(model, **options)
 
 

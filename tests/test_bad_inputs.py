@@ -1,0 +1,69 @@
+"""The bad-input table: each row is a command, a bad input and the one-line message it must print.
+
+Every row runs in-process (typer's CliRunner) against a fresh store folder and checks: a non-zero exit,
+exactly one `error:` line naming the cause, no traceback, and nothing written (no new store file, no
+run row, no model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cai.cli import app
+from cai.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+# (id, argv with {db} and {repo} placeholders, expected substring of the one error line, needs an ingested db)
+TABLE = [
+    ("generate-openai-no-base-url", ["generate", "--engine", "openai", "--limit", "1", "--db", "{db}"],
+     "engine 'openai' needs --base-url", True),
+    ("generate-unknown-engine", ["generate", "--engine", "nope", "--db", "{db}"], "--engine: Input should be", True),
+    ("sft-set-bad-yaml", ["sft", "--db", "{db}", "--set", "lr=[1,"], "is not valid YAML", False),
+    ("sft-set-no-equals", ["sft", "--db", "{db}", "--set", "lr"], "use KEY=VALUE", False),
+    ("sft-model-id-dotdot", ["sft", "--db", "{db}", "--set", "model_id=../../etc"], "not a usable model id", False),
+    ("train-rm-model-id-slash", ["train-rm", "--db", "{db}", "--set", "model_id=/tmp/x"], "not a usable model id",
+     False),
+    ("sft-config-missing", ["sft", "--db", "{db}", "--config", "{db}.missing.yaml"], "no such file", False),
+    ("constitution-lint-directory", ["constitution", "lint", "{repo}/constitutions"], "is a directory", False),
+    ("run-unknown-stage", ["run", "{repo}/flows/demo.yaml", "--stages", "generate,nope", "--check"],
+     "'nope' is not among", False),
+    ("db-info-missing-db", ["db", "info", "--db", "{db}"], "does not exist yet", False),
+    ("sql-missing-db", ["sql", "select 1", "--db", "{db}"], "does not exist yet", False),
+    ("runs-missing-db", ["runs", "--db", "{db}"], "does not exist yet", False),
+]
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory) -> Path:
+    db = tmp_path_factory.mktemp("bad") / "base.duckdb"
+    res = CliRunner().invoke(app, ["ingest", str(REPO / "data" / "prompts" / "red_team.jsonl"), "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    return db
+
+
+def _counts(db: Path) -> dict[str, int]:
+    s = Store(db)
+    return {t: s.scalar(f"SELECT count(*) FROM {t}") for t in ("runs", "models", "generations")}
+
+
+@pytest.mark.parametrize(("argv", "message", "needs_db"), [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
+def test_bad_input_is_one_clear_line(tmp_path, ingested, argv, message, needs_db):
+    db = tmp_path / "cai.duckdb"
+    if needs_db:
+        db.write_bytes(ingested.read_bytes())
+        before = _counts(db)
+    args = [a.format(db=db, repo=REPO) for a in argv]
+    res = CliRunner().invoke(app, args)
+    out = res.output
+    assert res.exit_code not in (0, None), out
+    assert "Traceback" not in out, out
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], out
+    if needs_db:
+        assert _counts(db) == before
+    else:
+        assert not db.exists(), "a rejected command created a store"
