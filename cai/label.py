@@ -7,6 +7,10 @@ Pairs come from the store:
     ``sl_cai`` view: one pair per generation, constitution, critique model and critique settings);
 ``two_samples``
     samples 0 (A) and 1 (B) of the same prompt, model, sampling parameters and stage.
+``contrast``
+    RLCD (cai/contrast.py): the policy answers each prompt under a principle's follow (A) and
+    violate (B) system prompt, same seed; labelled by construction with ``contrast.confidence``,
+    or by the judge with ``contrast.rescore`` (RLCD-rescore).
 
 Identical texts are skipped (no preference to learn). A comparison's id is a hash of (pair kind,
 both response ids, judge spec hash, constitution hash, judge model, seed), so a re-run skips
@@ -29,12 +33,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from cai.constitution import Constitution, load_constitution, resolve_constitution
+from cai.contrast import ContrastConfig
 from cai.engines.base import Engine
 from cai.judge import Judge, PairInput, PrincipleRef
 from cai.judge_spec import REPO_ROOT, JudgeSpec, load_judge_spec, resolve_judge_spec
 from cai.store import Store, content_hash, now
 
-PairKind = Literal["initial_vs_revised", "two_samples"]
+PairKind = Literal["initial_vs_revised", "two_samples", "contrast"]
 EngineKind = Literal["transformers", "vllm", "openai"]
 
 
@@ -52,6 +57,8 @@ class LabelConfig(BaseModel):
     limit: int | None = Field(None, ge=1, description="At most this many pairs (in a stable order).")
     batch_size: int = Field(32, ge=1, description="Pairs per engine call and per write.")
     seed: int = Field(0, description="Seeds the principle draw per pair (and cot sampling).")
+    contrast: ContrastConfig = Field(default_factory=ContrastConfig,
+                                     description="How 'contrast' pairs (RLCD) are sampled and labelled.")
 
 
 def principle_refs(constitution: Constitution) -> list[PrincipleRef]:
@@ -127,6 +134,10 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
     engine_kind = cfg.engine or spec.engine
     judge_model_id, judge_path = resolve_in_store(store, cfg.model or spec.model)
 
+    if "contrast" in cfg.pairs:
+        summary_c = run_contrast(store, cfg, spec, constitution, judge_model_id, engine_kind, progress=progress)
+        if cfg.pairs == ["contrast"]:
+            return summary_c
     pairs = select_pairs(store, list(cfg.pairs), generation_stage=cfg.generation_stage, split=cfg.split)
     summary: dict[str, Any] = {"judge": spec.name, "judge_spec_hash": spec.hash, "method": spec.method,
                                "constitution_hash": constitution.hash, "judge_model_id": judge_model_id,
@@ -142,7 +153,9 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
     todo = [p for p in pairs if p["comparison_id"] not in have]
     summary.update(pairs=len(pairs), identical_skipped=len(identical), already_done=len(pairs) - len(todo),
                    labelled=0, invalid=0)
-    if not pairs and not identical:
+    if "contrast" in cfg.pairs:
+        summary.update({k: v for k, v in summary_c.items() if k.startswith("contrast")})
+    if not pairs and not identical and "contrast" not in cfg.pairs:
         raise LookupError(
             f"no pairs to label in {store.path}: run `cai generate --n 2` (two_samples) or the critique "
             "stage (initial_vs_revised) first")
@@ -196,5 +209,47 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
         bar.close()
     summary["seconds"] = round(time.time() - started, 2)
     summary["pairs_per_second"] = round(len(todo) / judge_seconds, 3) if judge_seconds else None
+    store.finish_run(run_id, "ok", summary)
+    return summary
+
+
+def contrast_spec_hash(cfg: LabelConfig, spec: JudgeSpec) -> str:
+    """What labels a contrast pair: the by-construction confidence, or the judge (rescore)."""
+    c = cfg.contrast
+    return spec.hash if c.rescore else content_hash("rlcd", c.confidence)
+
+
+def run_contrast(store: Store, cfg: LabelConfig, spec: JudgeSpec, constitution: Constitution,
+                 judge_model_id: str, engine_kind: str, *, progress: bool = True) -> dict[str, Any]:
+    """The ``contrast`` pair kind: sample, label and store RLCD pairs (cai/contrast.py)."""
+    from cai.contrast import make_contrast_pairs
+    from cai.models import resolve_in_store
+
+    started = time.time()
+    c = cfg.contrast
+    run_id = store.start_run("label", {**cfg.model_dump(), "pairs": ["contrast"], "judge_spec_hash": spec.hash,
+                                       "constitution_hash": constitution.hash})
+    judge, extra = None, {}
+    with store.write() as con:
+        store.register_constitution(constitution, con=con)
+    if c.rescore:
+        _, judge_path = resolve_in_store(store, cfg.model or spec.model)
+        store.register_model(judge_model_id, "base", judge_path)
+        judge = Judge(spec, judge_engine(spec, judge_path, cfg.engine, cfg.engine_options),
+                      principle_refs(constitution), seed=cfg.seed)
+        extra = {"judge_name": spec.name, "judge_model_id": judge_model_id, "judge_engine": engine_kind,
+                 "method": f"rlcd_rescore:{spec.method}"}
+    bar = tqdm(desc="label (contrast)", unit="prompt", disable=not progress)
+    try:
+        summary = make_contrast_pairs(store, c, constitution, seed=cfg.seed, split=cfg.split,
+                                      batch_size=cfg.batch_size, run_id=run_id,
+                                      label_spec_hash=contrast_spec_hash(cfg, spec), judge=judge,
+                                      progress=bar, **extra)
+    except BaseException as e:
+        store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", {}, error=repr(e))
+        raise
+    finally:
+        bar.close()
+    summary["contrast_seconds"] = round(time.time() - started, 2)
     store.finish_run(run_id, "ok", summary)
     return summary
