@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -128,7 +127,13 @@ def make_contrast_pairs(store: Store, cfg: ContrastConfig, constitution: Constit
         texts: list[list[str]] = []
         gen_rows: list[dict[str, Any]] = []
         stamp = now()
-        for side, stage in enumerate(STAGES):
+        stored = _stored_texts(store, [i for p in chunk for i in p["ids"]])
+        if all(i in stored for p in chunk for i in p["ids"]):
+            # Answered before (e.g. by-construction labels first, then a rescore): no new samples.
+            texts = [[stored[p["ids"][side]] for p in chunk] for side in (0, 1)]
+            for k, p in enumerate(chunk):
+                p["seed"] = sample_seed(chunk_params.seed, k)
+        for side, stage in enumerate(STAGES if not texts else ()):
             convs = [with_system(p["messages"], (p["principle"].contrast.follow, p["principle"].contrast.violate)[side])
                      for p in chunk]
             outs = [c[0] for c in engine.chat(convs, chunk_params)]
@@ -181,6 +186,14 @@ def make_contrast_pairs(store: Store, cfg: ContrastConfig, constitution: Constit
         if progress is not None:
             progress.update(len(chunk))
     return summary
+
+
+def _stored_texts(store: Store, ids: list[str]) -> dict[str, str]:
+    if not ids or not store.path.exists():
+        return {}
+    rows = store.query(f"SELECT generation_id, text FROM generations WHERE generation_id IN "
+                       f"({', '.join('?' for _ in ids)})", ids)
+    return {r["generation_id"]: r["text"] for r in rows}
 
 
 def _rescore(judge: Any, pairs: list[tuple[dict[str, Any], str, str]], seed_offset: int) -> list[Any]:
