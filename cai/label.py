@@ -62,7 +62,8 @@ class LabelConfig(BaseModel):
 
 
 def principle_refs(constitution: Constitution) -> list[PrincipleRef]:
-    return [PrincipleRef(p.id, p.judge, p.weight) for p in constitution.principles]
+    return [PrincipleRef(p.id, p.judge, p.weight, p.contrast.follow if p.contrast else None,
+                         p.contrast.violate if p.contrast else None) for p in constitution.principles]
 
 
 def comparison_id(pair_kind: str, prompt_id: str, a_id: str, b_id: str, spec_hash: str,
@@ -174,7 +175,7 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
                          "both_orderings": spec.both_orderings, "principles": spec.principles.model_dump(),
                          "clamp": spec.effective_clamp,
                          "sampling": spec.effective_sampling().model_dump() if spec.method == "cot" else None,
-                         "answer_tokens": judge.answer.pieces})
+                         "answer_tokens": judge.answer.pieces if judge.answer else None})
     judge_seconds = 0.0
     bar = tqdm(total=len(todo), desc=f"label ({spec.name}, {engine_kind})", unit="pair", disable=not progress)
     try:

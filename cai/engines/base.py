@@ -169,6 +169,27 @@ class Engine(ABC):
     def _next_token_logprobs(self, prompts: list[str], candidates: list[int],
                              top_k: int) -> list[dict[int, float]]: ...
 
+    def score_continuations(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[list[float]]:
+        """log p(token | prompt, earlier tokens) of each token of each continuation after its prompt
+        (prompt log-probs; used by the contrast_likelihood judge).
+
+        The prompt and prompt + continuation are tokenised separately; the continuation's tokens
+        are those of the whole beyond the prompt's (a chat-template prompt ends at a token boundary).
+        """
+        if not prompts:
+            return []
+        full = self.tokenizer([p + c for p, c in zip(prompts, continuations, strict=True)],
+                              add_special_tokens=False)["input_ids"]
+        starts = [len(i) for i in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+        for k, (ids, start) in enumerate(zip(full, starts, strict=True)):
+            if start < 1 or len(ids) <= start:
+                raise ValueError(f"continuation {k} adds no tokens to its prompt (or the prompt is empty)")
+        return self._continuation_logprobs([list(i) for i in full], starts)
+
+    def _continuation_logprobs(self, ids: list[list[int]], starts: list[int]) -> list[list[float]]:
+        raise NotImplementedError(f"the {self.name} engine cannot score prompt tokens (prompt log-probs); "
+                                  "use the transformers or vllm engine for this judge method")
+
     # ---- misc ------------------------------------------------------------------------------
     @property
     def eos_token_ids(self) -> set[int]:
