@@ -216,7 +216,7 @@ def _cross_field_problems(data: dict, file: str, lines: dict) -> list[Problem]:
     elif "sampling" in data and method in ("multiple_choice", "score", "pointwise", "contrast_likelihood"):
         add(("sampling",), f"method {method} never samples; remove 'sampling'")
     if method in DIRECT and data.get("both_orderings") is True:
-        add(("both_orderings",), f"method {method} reads one response at a time; orderings do not apply")
+        add(("both_orderings",), f"method {method} rates one response at a time; orderings do not apply")
     clamp = data.get("clamp")
     if isinstance(clamp, list) and len(clamp) == 2 and all(isinstance(x, int | float) for x in clamp) \
             and not 0 <= clamp[0] < clamp[1] <= 1:
