@@ -435,15 +435,16 @@ class Judge:
             msgs = [m for m in q.conversation if m["role"] != "system"]
             for instr in (pr.follow or self.spec.default_follow, pr.violate or self.spec.default_violate):
                 prompts.append(self.engine.render([{"role": "system", "content": instr}, *msgs]))
-                conts.append(q.base.strip() or " ")
+                conts.append(q.base.strip())
         lps = self.engine.score_continuations(prompts, conts)
         self.calls += 1
         for k, q in enumerate(queries):
             follow, violate = lps[2 * k], lps[2 * k + 1]
             # The two prompts differ only before the response, so the response has the same tokens
             # under both; the mean over them keeps long answers from dominating.
+            # An empty response has no tokens to read: no evidence either way (0).
             n = min(len(follow), len(violate))
-            q.value = (sum(follow[:n]) - sum(violate[:n])) / n
+            q.value = (sum(follow[:n]) - sum(violate[:n])) / n if n else 0.0
 
     def _read(self, queries: list[_Query]) -> None:
         """One ``score_next_token`` call per answer position over all queries."""

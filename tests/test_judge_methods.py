@@ -63,12 +63,13 @@ def test_method_has_no_position_bias_and_matches_its_direct_reads(tmp_path, tiny
 def test_contrast_likelihood_reads_the_responses_own_tokens(tmp_path, tiny_policy_dir, engine):
     """score_continuations against a plain forward pass over prompt + response, token by token."""
     prompt = engine.render([{"role": "system", "content": "Be safe."}, *CONV])
-    lps = engine.score_continuations([prompt, prompt], RESPONSES)
+    lps = engine.score_continuations([prompt, prompt, prompt], [*RESPONSES, ""])
+    assert lps[2] == []  # an empty response (people's data has some) has nothing to read
     tok = engine.tokenizer
-    for resp, got in zip(RESPONSES, lps, strict=True):
-        ids = tok(prompt + resp, add_special_tokens=False)["input_ids"]
-        start = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        assert len(got) == len(ids) - start == len(tok(resp, add_special_tokens=False)["input_ids"])
+    for resp, got in zip(RESPONSES, lps[:2], strict=True):
+        head, tail = (tok(x, add_special_tokens=False)["input_ids"] for x in (prompt, resp))
+        ids, start = head + tail, len(head)
+        assert len(got) == len(tail)
         with torch.no_grad():
             logits = engine.lm(input_ids=torch.tensor([ids])).logits[0].float()
         want = torch.log_softmax(logits, -1)[torch.arange(start - 1, len(ids) - 1), torch.tensor(ids[start:])]

@@ -173,18 +173,25 @@ class Engine(ABC):
         """log p(token | prompt, earlier tokens) of each token of each continuation after its prompt
         (prompt log-probs; used by the contrast_likelihood judge).
 
-        The prompt and prompt + continuation are tokenised separately; the continuation's tokens
-        are those of the whole beyond the prompt's (a chat-template prompt ends at a token boundary).
+        The prompt and the continuation are tokenised separately and joined, so a continuation has
+        the same tokens after any prompt (the follow and the violate prompt of a contrast read).
+        An empty continuation gets an empty list.
         """
         if not prompts:
             return []
-        full = self.tokenizer([p + c for p, c in zip(prompts, continuations, strict=True)],
-                              add_special_tokens=False)["input_ids"]
-        starts = [len(i) for i in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-        for k, (ids, start) in enumerate(zip(full, starts, strict=True)):
-            if start < 1 or len(ids) <= start:
-                raise ValueError(f"continuation {k} adds no tokens to its prompt (or the prompt is empty)")
-        return self._continuation_logprobs([list(i) for i in full], starts)
+        heads = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        tails = self.tokenizer([c or "" for c in continuations], add_special_tokens=False)["input_ids"]
+        for k, head in enumerate(heads):
+            if not head:
+                raise ValueError(f"prompt {k} encodes to no tokens")
+        todo = [k for k, t in enumerate(tails) if t]
+        out: list[list[float]] = [[] for _ in prompts]
+        if todo:
+            got = self._continuation_logprobs([list(heads[k]) + list(tails[k]) for k in todo],
+                                              [len(heads[k]) for k in todo])
+            for k, lp in zip(todo, got, strict=True):
+                out[k] = lp
+        return out
 
     def _continuation_logprobs(self, ids: list[list[int]], starts: list[int]) -> list[list[float]]:
         raise NotImplementedError(f"the {self.name} engine cannot score prompt tokens (prompt log-probs); "
