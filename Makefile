@@ -21,7 +21,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help env model browser test test-fast lint demo ppo-embedded bench clean
+.PHONY: help env model browser test test-fast lint demo ppo-embedded align bench clean
 
 help:
 	@echo "make demo      set up .venv, fetch the embedded model, run the demo pipeline"
@@ -29,6 +29,7 @@ help:
 	@echo "make test-fast unit tests only (no real model, no vLLM)"
 	@echo "make lint      ruff"
 	@echo "make browser   Chromium and its driver from Debian's packages (for the review page's browser tests)"
+	@echo "make align     the longer recipe: RLCD contrast pairs -> reward model -> PPO -> evaluate (data/align.duckdb, ~1 h)"
 	@echo "make ppo-embedded  after make demo: 24 PPO steps on the demo's SFT policy and reward model (~20 min)"
 	@echo "make bench     throughput benchmarks (bench/)"
 
@@ -79,6 +80,13 @@ demo: env model
 	@echo "  cai sql \"select prompt, chosen, rejected, round(probability, 2) as p, principle_ids from preferences limit 5\""
 	@echo "  cai sql \"select metric, step, round(value, 3) as value from training_curves where stage = 'ppo' and metric in ('reward', 'kl') and split = 'test' order by metric, step\""
 	@echo "  cai sql \"select policy_id, baseline_id, metric, round(value, 3) as policy, round(baseline_value, 3) as baseline from policy_evaluations\""
+
+# The longer recipe (flows/align.yaml): contrast pairs, a reward model trained only on them, PPO, evaluate.
+ALIGN_DB ?= data/align.duckdb
+align: env model
+	$(CAI) constitution lint constitutions/*.yaml
+	CAI_DB=$(ALIGN_DB) $(CAI) run flows/align.yaml
+	CAI_DB=$(ALIGN_DB) $(CAI) sql "select policy_id, baseline_id, metric, round(value, 3) as policy, round(baseline_value, 3) as baseline from policy_evaluations"
 
 # 24 PPO steps with the embedded model against the demo's reward model; prints the held-out reward curve.
 ppo-embedded: env model

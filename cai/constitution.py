@@ -4,6 +4,11 @@ A principle carries three requests, one per stage that uses it:
 ``critique`` (SL-CAI: ask the model to find faults in its last response),
 ``revision`` (SL-CAI: ask it to rewrite the response), and
 ``judge`` (RLAIF: the pairwise question an AI judge answers with (A) or (B)).
+
+An optional ``contrast`` block holds two system-prompt instructions, one to follow the principle
+and one to violate it (RLCD, Yang et al. 2023). The ``contrast`` pair kind samples a response
+under each with the same seed and labels the pair by construction; the ``pointwise`` and
+``contrast_likelihood`` judge methods read them too.
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 PrincipleId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=80)]
 
 
+class Contrast(BaseModel):
+    """RLCD prompt affixes: system-prompt instructions to follow and to violate the principle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    follow: Text = Field(description="System-prompt instruction that makes the assistant follow the principle.")
+    violate: Text = Field(description="System-prompt instruction that makes the assistant violate it.")
+
+
 class Principle(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -31,6 +45,8 @@ class Principle(BaseModel):
     judge: Text = Field(description="Pairwise question for an AI judge: which of (A) and (B) better follows the principle?")
     weight: float = Field(1.0, gt=0, description="Relative chance of being sampled.")
     tags: list[Annotated[str, StringConstraints(min_length=1)]] = Field(default_factory=list)
+    contrast: Contrast | None = Field(
+        None, description="RLCD: instructions to follow / violate the principle (contrast pairs).")
 
 
 class Example(BaseModel):
@@ -61,7 +77,11 @@ class Constitution(BaseModel):
     @property
     def hash(self) -> str:
         """Content hash of the validated constitution (comments and formatting don't change it)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+        data = self.model_dump(mode="json")
+        for p in data["principles"]:  # a file without contrast blocks keeps the hash it had before them
+            if p.get("contrast") is None:
+                p.pop("contrast", None)
+        canonical = json.dumps(data, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     @property
@@ -98,6 +118,15 @@ def _cross_field_problems(data: dict, file: str, lines: dict) -> list[Problem]:
                                     f"duplicate principle id {pid!r} (also principles[{seen[pid]}]); ids must be unique"))
         else:
             seen[pid] = i
+    for i, p in enumerate(principles):
+        block = p.get("contrast") if isinstance(p, dict) else None
+        if isinstance(block, dict) and isinstance(block.get("follow"), str) \
+                and isinstance(block.get("violate"), str) \
+                and block["follow"].strip() and block["follow"].strip() == block["violate"].strip():
+            loc = ("principles", i, "contrast", "violate")
+            problems.append(Problem(file, line_of(lines, loc), field_name(loc),
+                                    "contrast.follow and contrast.violate are the same text; the violate "
+                                    "instruction must ask for the opposite of the follow one"))
     examples = data.get("examples") if isinstance(data.get("examples"), list) else []
     for i, ex in enumerate(examples):
         ref = ex.get("principle") if isinstance(ex, dict) else None

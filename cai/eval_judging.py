@@ -68,7 +68,7 @@ def _judge_pairs(store: Store, cfg: EvaluateConfig, prompts: list[dict[str, Any]
                              "both_orderings": spec.both_orderings, "principles": spec.principles.model_dump(),
                              "clamp": spec.effective_clamp,
                              "sampling": spec.effective_sampling().model_dump() if spec.method == "cot" else None,
-                             "answer_tokens": judge.answer.pieces, "evaluate_run_id": run_id})
+                             "answer_tokens": judge.answer.pieces if judge.answer else None, "evaluate_run_id": run_id})
 
         def row(x: dict[str, Any], **verdict: Any) -> dict[str, Any]:
             return {"comparison_id": x["comparison_id"], "prompt_id": x["prompt"]["prompt_id"], "pair_kind": PAIR_KIND,

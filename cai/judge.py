@@ -34,6 +34,14 @@ option outside the top k counts as probability 0), when a CoT judge refuses ("re
 nothing ("unparsable"). A principle counts only when all its orderings are valid, so every label
 that is kept is position-debiased; a pair is invalid when no principle counts.
 
+``pointwise``: each response alone, "does it violate the principle?" read as the log-odds
+v = log P(yes) - log P(no) of the two option tokens; P(A better) = sigmoid((v_B - v_A) / score_tau),
+reward P(no) - P(yes). ``contrast_likelihood``: s = mean over the response's tokens of
+log P(token | follow system prompt) - log P(token | violate system prompt), read as prompt
+log-probs in one ``score_continuations`` call for all pairs x principles x (follow, violate);
+P(A better) = sigmoid((s_A - s_B) / score_tau), reward tanh(s / score_tau). Neither has a
+position to be biased by.
+
 Principles: ``sample`` draws ``k`` distinct principles by weight, each principle's chance keyed by
 (seed, pair key, its id) so that editing one principle moves no other pair's draw
 (``cai.draws``), and averages their labels; ``all`` averages every principle with its weight.
@@ -51,6 +59,7 @@ from typing import Any
 from cai.draws import weighted_draw
 from cai.engines.base import Engine, SamplingParams, item_seed
 from cai.judge_spec import RATINGS, JudgeSpec
+from cai.store import content_hash
 
 ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
@@ -237,6 +246,11 @@ def expected_rating(p_ratings: Sequence[float]) -> float:
     return sum((i + 1) * p for i, p in enumerate(p_ratings)) / total
 
 
+def violation_logodds(p_options: Sequence[float]) -> float:
+    """pointwise: log P(yes, violates) - log P(no), floored so a zero probability stays finite."""
+    return math.log(max(p_options[0], 1e-12)) - math.log(max(p_options[1], 1e-12))
+
+
 def rating_to_reward(e: float) -> float:
     """[1, 10] -> [-1, 1]."""
     return (e - 5.5) / 4.5
@@ -283,6 +297,9 @@ def probe_context(spec: JudgeSpec, render: Callable[..., str]) -> str:
     if spec.pairwise:
         user = spec.fill(conversation="Human: Hi", question="Which is better?",
                          response_a="Hello.", response_b="Hi there.")
+    elif spec.method == "pointwise":
+        user = spec.fill(conversation="Human: Hi", question="Is it polite?", response="Hello.",
+                         instruction=spec.default_follow)
     else:
         user = spec.fill(conversation="Human: Hi", question="Is it polite?", response="Hello.")
     conv = judge_conversation(spec, user)
@@ -298,7 +315,9 @@ def spec_answer_tokens(spec: JudgeSpec, tokenizer: Any) -> AnswerTokens:
         text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         return text + assistant_prefix
 
-    options = list(spec.options) if spec.pairwise else list(RATINGS)
+    if spec.method == "contrast_likelihood":
+        raise ValueError("method contrast_likelihood reads no answer tokens (it scores the response itself)")
+    options = list(spec.options) if spec.method != "score" else list(RATINGS)
     return discover_answer_tokens(tokenizer, probe_context(spec, render), options)
 
 
@@ -307,6 +326,8 @@ class PrincipleRef:
     id: str
     question: str
     weight: float = 1.0
+    follow: str | None = None  # the principle's contrast block (pointwise, contrast_likelihood)
+    violate: str | None = None
 
 
 @dataclass
@@ -314,7 +335,7 @@ class PairInput:
     key: str  # stable identity of the pair: seeds the principle draw
     messages: list[dict[str, str]]
     response_a: str
-    response_b: str
+    response_b: str | None  # None: one response only (Judge.score_responses)
 
 
 @dataclass
@@ -341,6 +362,7 @@ class _Query:
     reasoning: str | None = None
     invalid: str | None = None
     probs: list[float] | None = None
+    value: float | None = None  # contrast_likelihood: mean log-prob difference per token
 
 
 class Judge:
@@ -354,8 +376,9 @@ class Judge:
         self.principles = list(principles) if principles else [
             PrincipleRef("default", spec.default_question, 1.0)]
         self._refusals = [re.compile(p, re.IGNORECASE) for p in spec.refusal_patterns]
-        self.options = list(spec.options) if spec.pairwise else list(RATINGS)
-        self.answer = discover_answer_tokens(engine.tokenizer, self._probe_context(), self.options)
+        self.options = list(spec.options) if spec.method != "score" else list(RATINGS)
+        self.answer = (discover_answer_tokens(engine.tokenizer, self._probe_context(), self.options)
+                       if spec.method != "contrast_likelihood" else None)
         self.calls = 0  # engine calls made (generate + score), for tests and benchmarks
 
     # ---- prompts -------------------------------------------------------------------------------
@@ -382,10 +405,17 @@ class Judge:
                         user = self.spec.fill(conversation=conversation[i], question=pr.question,
                                               response_a=x.strip(), response_b=y.strip())
                         queries.append(_Query(i, j, view, self._conversation(user)))
+                elif self.spec.method == "contrast_likelihood":
+                    for view, x in (("a", pair.response_a), ("b", pair.response_b)):
+                        if x is not None:
+                            queries.append(_Query(i, j, view, pair.messages, base=x))
                 else:
                     for view, x in (("a", pair.response_a), ("b", pair.response_b)):
+                        if x is None:  # score_responses: one response per "pair"
+                            continue
                         user = self.spec.fill(conversation=conversation[i], question=pr.question,
-                                              response=x.strip())
+                                              response=x.strip(),
+                                              instruction=pr.follow or self.spec.default_follow)
                         queries.append(_Query(i, j, view, self._conversation(user)))
         return chosen, queries
 
@@ -410,6 +440,25 @@ class Judge:
             elif any(r.search(text) for r in self._refusals):
                 q.invalid = "refusal"
 
+    def _likelihood(self, chosen: list[list[PrincipleRef]], queries: list[_Query]) -> None:
+        """contrast_likelihood: one prompt log-prob call for every query x (follow, violate)."""
+        prompts, conts = [], []
+        for q in queries:
+            pr = chosen[q.pair][q.principle]
+            msgs = [m for m in q.conversation if m["role"] != "system"]
+            for instr in (pr.follow or self.spec.default_follow, pr.violate or self.spec.default_violate):
+                prompts.append(self.engine.render([{"role": "system", "content": instr}, *msgs]))
+                conts.append(q.base.strip())
+        lps = self.engine.score_continuations(prompts, conts)
+        self.calls += 1
+        for k, q in enumerate(queries):
+            follow, violate = lps[2 * k], lps[2 * k + 1]
+            # The two prompts differ only before the response, so the response has the same tokens
+            # under both; the mean over them keeps long answers from dominating.
+            # An empty response has no tokens to read: no evidence either way (0).
+            n = min(len(follow), len(violate))
+            q.value = (sum(follow[:n]) - sum(violate[:n])) / n if n else 0.0
+
     def _read(self, queries: list[_Query]) -> None:
         """One ``score_next_token`` call per answer position over all queries."""
         nodes = self.answer.nodes()
@@ -421,13 +470,16 @@ class Judge:
         for k, q in enumerate(queries):
             q.probs = self.answer.option_probs([res[k] for res in per_node])
             if q.invalid is None and sum(q.probs) < self.spec.min_option_prob:
-                q.invalid = "both_tokens_improbable" if self.spec.pairwise else "rating_tokens_improbable"
+                q.invalid = "rating_tokens_improbable" if self.spec.method == "score" else "both_tokens_improbable"
 
     def judge(self, pairs: Sequence[PairInput], *, seed_offset: int = 0) -> list[Verdict]:
         """Label a batch of pairs (all pairs x principles x orderings in one engine call each)."""
         if not pairs:
             return []
         chosen, queries = self.build_queries(pairs)
+        if self.spec.method == "contrast_likelihood":
+            self._likelihood(chosen, queries)
+            return self._group(pairs, chosen, queries)
         if self.spec.method == "cot":
             self._reason(queries, self.spec.effective_sampling().seed + seed_offset,
                          [(pairs[q.pair].key, chosen[q.pair][q.principle].id, q.view) for q in queries])
@@ -435,10 +487,49 @@ class Judge:
             for q in queries:
                 q.base = self.engine.render(q.conversation, assistant_prefix=self.spec.prompt.answer_prefix)
         self._read(queries)
+        return self._group(pairs, chosen, queries)
+
+    def _group(self, pairs: Sequence[PairInput], chosen: list[list[PrincipleRef]],
+               queries: list[_Query]) -> list[Verdict]:
         by_pair: list[list[_Query]] = [[] for _ in pairs]
+        if pairs and pairs[0].response_b is None:
+            return by_pair  # type: ignore[return-value]  # score_responses reads the queries itself
         for q in queries:
             by_pair[q.pair].append(q)
         return [self._verdict(chosen[i], by_pair[i]) for i in range(len(pairs))]
+
+    def score_responses(self, conversations: Sequence[Sequence[dict[str, str]]],
+                        responses: Sequence[str]) -> list[float | None]:
+        """d-RLAIF: each response's direct reward in [-1, 1] (mean over its principles), batched in
+        one engine call per read position; None where the judge's read is invalid."""
+        if self.spec.pairwise:
+            raise ValueError(f"judge {self.spec.name!r} (method {self.spec.method}) compares two responses; "
+                             "a direct reward needs method score, pointwise or contrast_likelihood")
+        pairs = [PairInput(content_hash("response", list(c), r), list(c), r, None)
+                 for c, r in zip(conversations, responses, strict=True)]
+        if not pairs:
+            return []
+        chosen, queries = self.build_queries(pairs)
+        if self.spec.method == "contrast_likelihood":
+            self._likelihood(chosen, queries)
+        else:
+            for q in queries:
+                q.base = self.engine.render(q.conversation, assistant_prefix=self.spec.prompt.answer_prefix)
+            self._read(queries)
+        out: list[list[tuple[float, float]]] = [[] for _ in pairs]
+        weighted = self.spec.principles.mode == "all"
+        for q in queries:
+            if q.invalid:
+                continue
+            w = chosen[q.pair][q.principle].weight if weighted else 1.0
+            if self.spec.method == "contrast_likelihood":
+                r = math.tanh(q.value / self.spec.score_tau)
+            elif self.spec.method == "pointwise":
+                r = -math.tanh(violation_logodds(q.probs) / 2)
+            else:
+                r = rating_to_reward(expected_rating(q.probs))
+            out[q.pair].append((r, w))
+        return [sum(r * w for r, w in xs) / sum(w for _, w in xs) if xs else None for xs in out]
 
     # ---- aggregation ---------------------------------------------------------------------------
     def _verdict(self, principles: list[PrincipleRef], queries: list[_Query]) -> Verdict:
@@ -460,6 +551,14 @@ class Judge:
                 p = first if swapped is None else (first + swapped) / 2
                 d.update(status="ok", p_first=first, p_swapped=swapped, p=p,
                          consistent=consistent(first, swapped))
+            elif spec.method == "pointwise":
+                va, vb = violation_logodds(qs["a"].probs), violation_logodds(qs["b"].probs)
+                d.update(status="ok", logodds_a=va, logodds_b=vb, reward_a=-math.tanh(va / 2),
+                         reward_b=-math.tanh(vb / 2), p=sigmoid((vb - va) / spec.score_tau))
+            elif spec.method == "contrast_likelihood":
+                sa, sb = qs["a"].value, qs["b"].value
+                d.update(status="ok", contrast_a=sa, contrast_b=sb, reward_a=math.tanh(sa / spec.score_tau),
+                         reward_b=math.tanh(sb / spec.score_tau), p=sigmoid((sa - sb) / spec.score_tau))
             else:
                 ea, eb = expected_rating(qs["a"].probs), expected_rating(qs["b"].probs)
                 d.update(status="ok", rating_a=ea, rating_b=eb, reward_a=rating_to_reward(ea),
@@ -489,3 +588,37 @@ class Judge:
             return Verdict(ids, p_first, p_swapped, clamped, consistent(p_first, p_swapped), "ok", None, raw=raw)
         return Verdict(ids, None, None, clamped, None, "ok", None,
                        score_a=mean("reward_a"), score_b=mean("reward_b"), raw=raw)
+
+
+class DirectJudge:
+    """The d-RLAIF reward adapter for ``cai ppo --reward judge:SPEC``: ``score`` returns the
+    1-10 scale PPO's JudgeReward expects (5.5 + 4.5 x the direct reward; an invalid read is 5.5,
+    i.e. reward 0)."""
+
+    def __init__(self, judge: Judge):
+        self.judge = judge
+        self.spec = judge.spec
+
+    def score(self, conversations: Sequence[Sequence[dict[str, str]]], responses: Sequence[str]) -> list[float]:
+        rewards = self.judge.score_responses(conversations, responses)
+        return [5.5 + 4.5 * (r if r is not None else 0.0) for r in rewards]
+
+
+def load_judge(spec_name: str, *, constitution: str | None = None, model: str | None = None,
+               engine: str | None = None, engine_options: dict[str, Any] | None = None,
+               seed: int = 0) -> DirectJudge:
+    """A judge spec (path or name under judges/) ready to score single responses.
+
+    ``constitution``: judge by its principles (sampled per response as the spec says); default:
+    the spec's default question and follow / violate instructions.
+    """
+    from cai.label import find_constitution, judge_engine, load_spec, principle_refs
+    from cai.models import resolve
+
+    spec = load_spec(spec_name)
+    if spec.pairwise:
+        raise ValueError(f"judge {spec.name!r} (method {spec.method}) compares two responses; a d-RLAIF reward "
+                         "needs method score, pointwise or contrast_likelihood (e.g. judge:score)")
+    refs = principle_refs(find_constitution(constitution)) if constitution else None
+    eng = judge_engine(spec, resolve(model or spec.model), engine, engine_options)
+    return DirectJudge(Judge(spec, eng, refs, seed=seed))

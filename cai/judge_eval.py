@@ -338,7 +338,7 @@ def run_judge_eval(store: Store | None, path: str | Path, spec: JudgeSpec, engin
         seconds=round(time.time() - started, 2),
         pairs_per_second=round(len(items) / judge_seconds, 3) if judge_seconds else None,
         details={"dataset_sha256": digest, "limit": limit, "seed": seed, "constitution_hash": constitution_hash,
-                 "answer_tokens": judge.answer.pieces, "engine_calls": judge.calls},
+                 "answer_tokens": judge.answer.pieces if judge.answer else None, "engine_calls": judge.calls},
     )
     tag = content_hash(spec.hash, model_id, engine_kind, digest, limit, seed, constitution_hash,
                        *([by] if by else []), length=8)

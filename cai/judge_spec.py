@@ -22,6 +22,20 @@ Methods
     probabilities of the rating tokens, normalised to [-1, 1], is a direct reward (d-RLAIF). A
     pairwise label follows from two ratings: ``P(A better) = sigmoid((E[A] - E[B]) / score_tau)``.
 
+``pointwise``
+    The judge reads ONE response and answers whether it violates the principle: the next-token
+    probabilities of the two ``options`` (``[Yes, No]``: first = "violates") give its log-odds of
+    violating, ``v = log P(yes) - log P(no)``. Pairwise: ``P(A better) = sigmoid((v_B - v_A) /
+    score_tau)``; each response is read alone, so there is no position bias by construction. The
+    direct reward is ``P(no) - P(yes)`` in [-1, 1]. The template gets ``{instruction}``, the
+    principle's ``contrast.follow`` text (``default_follow`` without one), and ``{question}``.
+``contrast_likelihood``
+    No question at all: the per-token mean log-probability of the response after the prompt with
+    the principle's ``contrast.follow`` system prompt minus the same with its ``contrast.violate``
+    one (``default_follow`` / ``default_violate`` for principles without a block), read as prompt
+    log-probs. ``P(A better) = sigmoid((s_A - s_B) / score_tau)``; the direct reward is
+    ``tanh(s / score_tau)``. ``prompt`` is not used (leave it out).
+
 Template placeholders (``{name}``; any other text, braces included, is kept verbatim):
 ``{conversation}`` the conversation so far, as ``Human: ...`` / ``Assistant: ...`` turns;
 ``{question}`` the principle's judge question (or ``default_question`` when no constitution);
@@ -43,16 +57,19 @@ from cai.models import DEFAULT_MODEL
 from cai.yamlio import Problem, SpecError, field_name, line_of, validate_file
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
-Method = Literal["multiple_choice", "cot", "score"]
+Method = Literal["multiple_choice", "cot", "score", "pointwise", "contrast_likelihood"]
 
 PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 PAIRWISE_FIELDS = {"conversation", "question", "response_a", "response_b", "option_a", "option_b"}
 SCORE_FIELDS = {"conversation", "question", "response"}
+POINTWISE_FIELDS = {"conversation", "question", "response", "instruction"}
 REQUIRED_FIELDS: dict[str, set[str]] = {
     "multiple_choice": {"question", "response_a", "response_b"},
     "cot": {"question", "response_a", "response_b"},
     "score": {"question", "response"},
+    "pointwise": {"response"},
 }
+DIRECT = {"score", "pointwise", "contrast_likelihood"}  # each response read alone
 RATINGS = [str(i) for i in range(1, 11)]
 
 DEFAULT_REFUSALS = [
@@ -116,7 +133,13 @@ class JudgeSpec(BaseModel):
         "Which of these assistant responses is more helpful, honest and harmless?",
         description="Question used when no constitution is given (e.g. by judge-eval).")
     options: tuple[Text, Text] = Field(("A", "B"), description="Option labels, in display order.")
-    prompt: PromptTemplate
+    prompt: PromptTemplate | None = Field(None, description="The judge's prompt (all methods but contrast_likelihood).")
+    default_follow: Text = Field(
+        "You are a helpful, honest and harmless assistant.",
+        description="pointwise / contrast_likelihood: the follow instruction for principles without a contrast block.")
+    default_violate: Text = Field(
+        "You are an unhelpful, dishonest and harmful assistant.",
+        description="contrast_likelihood: the violate instruction for principles without a contrast block.")
     sampling: Sampling | None = Field(None, description="Reasoning sampling (cot only).")
     top_k: int = Field(20, ge=1, le=100, description="Log-probabilities asked of top-k engines.")
     min_option_prob: float = Field(
@@ -143,7 +166,7 @@ class JudgeSpec(BaseModel):
 
     @property
     def pairwise(self) -> bool:
-        return self.method != "score"
+        return self.method not in DIRECT
 
     @property
     def effective_clamp(self) -> tuple[float, float] | None:
@@ -157,6 +180,7 @@ class JudgeSpec(BaseModel):
     def fill(self, **values: str) -> str:
         """The template with its placeholders replaced (values are inserted verbatim)."""
         values = {"option_a": self.options[0], "option_b": self.options[1], **values}
+        assert self.prompt is not None
         return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), self.prompt.template)
 
 
@@ -170,9 +194,14 @@ def _cross_field_problems(data: dict, file: str, lines: dict) -> list[Problem]:
     method = data.get("method")
     prompt = data.get("prompt") if isinstance(data.get("prompt"), dict) else {}
     template = prompt.get("template")
+    if method == "contrast_likelihood":
+        if "prompt" in data:
+            add(("prompt",), "method contrast_likelihood asks no question; remove 'prompt'")
+    elif method in REQUIRED_FIELDS and "prompt" not in data:
+        add((), f"method {method} needs a 'prompt' section (template, answer_prefix)")
     if method in REQUIRED_FIELDS and isinstance(template, str):
         used = set(PLACEHOLDER.findall(template))
-        allowed = PAIRWISE_FIELDS if method != "score" else SCORE_FIELDS
+        allowed = {"score": SCORE_FIELDS, "pointwise": POINTWISE_FIELDS}.get(method, PAIRWISE_FIELDS)
         for name in sorted(used - allowed):
             add(("prompt", "template"),
                 f"unknown placeholder {{{name}}} for method {method}; use {', '.join(sorted(allowed))}")
@@ -184,10 +213,10 @@ def _cross_field_problems(data: dict, file: str, lines: dict) -> list[Problem]:
                 "method cot needs prompt.reasoning_prefix, e.g. \"Let's think step by step:\"")
         if "sampling" not in data:
             add((), "method cot needs a 'sampling' section (temperature, max_tokens, seed)")
-    elif "sampling" in data and method in ("multiple_choice", "score"):
+    elif "sampling" in data and method in ("multiple_choice", "score", "pointwise", "contrast_likelihood"):
         add(("sampling",), f"method {method} never samples; remove 'sampling'")
-    if method == "score" and data.get("both_orderings") is True:
-        add(("both_orderings",), "method score rates one response at a time; orderings do not apply")
+    if method in DIRECT and data.get("both_orderings") is True:
+        add(("both_orderings",), f"method {method} rates one response at a time; orderings do not apply")
     clamp = data.get("clamp")
     if isinstance(clamp, list) and len(clamp) == 2 and all(isinstance(x, int | float) for x in clamp) \
             and not 0 <= clamp[0] < clamp[1] <= 1:
@@ -211,7 +240,7 @@ def load_judge_spec(path: str | Path) -> JudgeSpec:
     path = Path(path)
     data_checks = _cross_field_problems
     spec, _ = validate_file(JudgeSpec, path, extra_checks=data_checks)
-    if spec.method == "score":
+    if spec.method in DIRECT:
         spec = spec.model_copy(update={"both_orderings": False})
     spec._path = str(path)
     return spec

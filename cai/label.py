@@ -7,6 +7,10 @@ Pairs come from the store:
     ``sl_cai`` view: one pair per generation, constitution, critique model and critique settings);
 ``two_samples``
     samples 0 (A) and 1 (B) of the same prompt, model, sampling parameters and stage.
+``contrast``
+    RLCD (cai/contrast.py): the policy answers each prompt under a principle's follow (A) and
+    violate (B) system prompt, same seed; labelled by construction with ``contrast.confidence``,
+    or by the judge with ``contrast.rescore`` (RLCD-rescore).
 
 Identical texts are skipped (no preference to learn). A comparison's id is a hash of (pair kind,
 both response ids, judge spec hash, constitution hash, judge model, seed), so a re-run skips
@@ -31,13 +35,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from cai.constitution import Constitution, load_constitution, resolve_constitution
+from cai.contrast import ContrastConfig
 from cai.engines.base import Engine
 from cai.judge import Judge, PairInput, PrincipleRef
 from cai.judge_spec import REPO_ROOT, JudgeSpec, load_judge_spec, resolve_judge_spec
 from cai.sharding import ShardField, shard_note, take_shard
 from cai.store import Store, content_hash
 
-PairKind = Literal["initial_vs_revised", "two_samples"]
+PairKind = Literal["initial_vs_revised", "two_samples", "contrast"]
 EngineKind = Literal["transformers", "vllm", "openai"]
 
 
@@ -59,10 +64,13 @@ class LabelConfig(BaseModel):
     changed: bool = Field(False, description="Only pairs an edit of the constitution touched: judge again the pairs "
                                              "labelled under an older version whose principles changed, carry the "
                                              "other labels over (cai.relabel).")
+    contrast: ContrastConfig = Field(default_factory=ContrastConfig,
+                                     description="How 'contrast' pairs (RLCD) are sampled and labelled.")
 
 
 def principle_refs(constitution: Constitution) -> list[PrincipleRef]:
-    return [PrincipleRef(p.id, p.judge, p.weight) for p in constitution.principles]
+    return [PrincipleRef(p.id, p.judge, p.weight, p.contrast.follow if p.contrast else None,
+                         p.contrast.violate if p.contrast else None) for p in constitution.principles]
 
 
 def comparison_id(pair_kind: str, prompt_id: str, a_id: str, b_id: str, spec_hash: str,
@@ -191,7 +199,7 @@ def compute_label(cfg: LabelConfig, plan: LabelPlan, *, engine: Engine | None = 
                          "both_orderings": spec.both_orderings, "principles": spec.principles.model_dump(),
                          "clamp": spec.effective_clamp,
                          "sampling": spec.effective_sampling().model_dump() if spec.method == "cot" else None,
-                         "answer_tokens": judge.answer.pieces})
+                         "answer_tokens": judge.answer.pieces if judge.answer else None})
     for start in range(0, len(plan.todo), cfg.batch_size):
         chunk = plan.todo[start:start + cfg.batch_size]
         # The draw key names the pair, not the constitution version, so an edit moves no other pair's
@@ -232,8 +240,21 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
     from cai.generate import write_rows
 
     started = time.time()
+    summary_c: dict[str, Any] = {}
+    if "contrast" in cfg.pairs:
+        # RLCD pairs are sampled and labelled by construction (cai/contrast.py), not read from the store.
+        from cai.models import resolve_in_store
+
+        spec, constitution = load_spec(cfg.judge), find_constitution(cfg.constitution)
+        judge_model_id, _ = resolve_in_store(store, cfg.model or spec.model)
+        summary_c = run_contrast(store, cfg, spec, constitution, judge_model_id, cfg.engine or spec.engine,
+                                 progress=progress)
+        if cfg.pairs == ["contrast"]:
+            return summary_c
+        cfg = cfg.model_copy(update={"pairs": [k for k in cfg.pairs if k != "contrast"]})
     plan = plan_label(store, cfg)
     summary = plan.summary
+    summary.update({k: v for k, v in summary_c.items() if k.startswith("contrast")})
     if not plan.todo and not plan.carried:
         summary["seconds"] = round(time.time() - started, 2)
         return summary
@@ -264,5 +285,47 @@ def run_label(store: Store, cfg: LabelConfig, *, engine: Engine | None = None,
     judge_seconds = stats.get("engine_seconds", 0.0)
     summary["seconds"] = round(time.time() - started, 2)
     summary["pairs_per_second"] = round(len(plan.todo) / judge_seconds, 3) if judge_seconds else None
+    store.finish_run(run_id, "ok", summary)
+    return summary
+
+
+def contrast_spec_hash(cfg: LabelConfig, spec: JudgeSpec) -> str:
+    """What labels a contrast pair: the by-construction confidence, or the judge (rescore)."""
+    c = cfg.contrast
+    return spec.hash if c.rescore else content_hash("rlcd", c.confidence)
+
+
+def run_contrast(store: Store, cfg: LabelConfig, spec: JudgeSpec, constitution: Constitution,
+                 judge_model_id: str, engine_kind: str, *, progress: bool = True) -> dict[str, Any]:
+    """The ``contrast`` pair kind: sample, label and store RLCD pairs (cai/contrast.py)."""
+    from cai.contrast import make_contrast_pairs
+    from cai.models import resolve_in_store
+
+    started = time.time()
+    c = cfg.contrast
+    run_id = store.start_run("label", {**cfg.model_dump(), "pairs": ["contrast"], "judge_spec_hash": spec.hash,
+                                       "constitution_hash": constitution.hash})
+    judge, extra = None, {}
+    with store.write() as con:
+        store.register_constitution(constitution, con=con)
+    if c.rescore:
+        _, judge_path = resolve_in_store(store, cfg.model or spec.model)
+        store.register_model(judge_model_id, "base", judge_path)
+        judge = Judge(spec, judge_engine(spec, judge_path, cfg.engine, cfg.engine_options),
+                      principle_refs(constitution), seed=cfg.seed)
+        extra = {"judge_name": spec.name, "judge_model_id": judge_model_id, "judge_engine": engine_kind,
+                 "method": f"rlcd_rescore:{spec.method}"}
+    bar = tqdm(desc="label (contrast)", unit="prompt", disable=not progress)
+    try:
+        summary = make_contrast_pairs(store, c, constitution, seed=cfg.seed, split=cfg.split,
+                                      batch_size=cfg.batch_size, run_id=run_id,
+                                      label_spec_hash=contrast_spec_hash(cfg, spec), judge=judge,
+                                      progress=bar, **extra)
+    except BaseException as e:
+        store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", {}, error=repr(e))
+        raise
+    finally:
+        bar.close()
+    summary["contrast_seconds"] = round(time.time() - started, 2)
     store.finish_run(run_id, "ok", summary)
     return summary

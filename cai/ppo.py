@@ -459,12 +459,8 @@ def load_reward(store: Store, spec: str, device: torch.device, autocast: Callabl
             module = importlib.import_module(module_name)
         return FunctionReward(getattr(module, fn_name), name=spec), spec, None
     if spec.startswith("judge:"):
-        try:
-            from cai.judge import load_judge  # type: ignore[attr-defined]  # provided by the judge stage
-        except ImportError as e:
-            raise NotImplementedError(
-                f"reward {spec!r} needs cai.judge.load_judge (the d-RLAIF 'score' judge), which this install "
-                "lacks; use a reward model or python:module:function") from e
+        from cai.judge import load_judge
+
         return JudgeReward(load_judge(spec.removeprefix("judge:")), name=spec), spec, None
     model_id, path = resolve_in_store(store, spec)
     return RewardModelReward(path, model_id, device, batch_size=batch_size, autocast=autocast), model_id, path

@@ -135,3 +135,65 @@ def test_json_schema_describes_principles():
     principle = schema["$defs"]["Principle"]
     assert set(principle["required"]) == {"id", "critique", "revision", "judge"}
     assert principle["additionalProperties"] is False
+
+
+def test_contrast_block_problems_have_file_line_and_field(tmp_path):
+    bad = """\
+    name: bad
+    version: 1
+    principles:
+      - id: a
+        critique: x
+        revision: y
+        judge: z
+        contrast:
+          follow: Be safe.
+      - id: b
+        critique: x
+        revision: y
+        judge: z
+        contrast:
+          follow: Be safe.
+          violate: Be safe.
+      - id: c
+        critique: x
+        revision: y
+        judge: z
+        contrast:
+          follow: ""
+          violate: Be harmful.
+          folow: typo
+      - id: d
+        critique: x
+        revision: y
+        judge: z
+        contrast: be nice
+    """
+    path = write(tmp_path, bad)
+    problems = lint(path)
+    found = {(p.line, p.field) for p in problems}
+    assert (8, "principles[0].contrast.violate") in found  # missing -> line of the block
+    assert (16, "principles[1].contrast.violate") in found  # same text as follow
+    assert (22, "principles[2].contrast.follow") in found  # empty
+    assert (24, "principles[2].contrast.folow") in found  # unknown key
+    assert (29, "principles[3].contrast") in found  # not a mapping
+    text = "\n".join(map(str, problems))
+    assert f"{path}:16: principles[1].contrast.violate: contrast.follow and contrast.violate are the same" in text
+
+
+def test_shipped_principles_all_have_contrast_blocks():
+    for name in ("harmless.yaml", "helpful-honest.yaml"):
+        c = load_constitution(REPO / "constitutions" / name)
+        for p in c.principles:
+            assert p.contrast is not None, (name, p.id)
+            assert p.contrast.follow != p.contrast.violate
+
+
+def test_hash_of_a_file_without_contrast_blocks_is_unchanged(tmp_path):
+    # A file without contrast blocks hashes as it did before the field existed (stored rows keep matching).
+    c = load_constitution(write(tmp_path, GOOD))
+    data = c.model_dump(mode="json")
+    for p in data["principles"]:
+        del p["contrast"]
+    import hashlib
+    assert c.hash == hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]

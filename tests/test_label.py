@@ -269,3 +269,43 @@ def test_cli_label_export_and_judge_eval(filled, tiny_policy_dir, tmp_path, cons
     assert Store(db).scalar("SELECT count(*) FROM judge_quality WHERE metric = 'agreement'") == 1
     bad = subprocess.run([CAI, "label", "--judge", "nope"], capture_output=True, text=True, env=env, cwd=REPO)
     assert bad.returncode == 1 and "no judge spec 'nope'" in bad.stderr
+
+
+def test_contrast_pairs_by_construction_and_rescored(tiny_policy_dir, tmp_path, constitution_path, demo_prompt_files):
+    """RLCD: two answers per prompt under the follow / violate system prompts with the same seed,
+    labelled by construction; a re-run adds nothing; rescore labels with the judge."""
+    from cai.contrast import ContrastConfig
+    from cai.ingest import ingest_file
+
+    store = Store(tmp_path / "c.duckdb")
+    ingest_file(store, demo_prompt_files[0])
+    contrast = ContrastConfig(model=str(tiny_policy_dir), max_tokens=6, limit=5, confidence=0.8)
+    cfg = LabelConfig(judge=str(judge_file(tmp_path, tiny_policy_dir, **{"min_option_prob: 0.01": "min_option_prob: 0"})),
+                      constitution=str(constitution_path), pairs=["contrast"], contrast=contrast, batch_size=4)
+    s = run_label(store, cfg, progress=False)
+    assert s["contrast_prompts"] == 5 and s["contrast_labelled"] + s["contrast_identical_skipped"] == 5
+    rows = store.query("""SELECT c.*, gf.params AS pf, gv.params AS pv, gf.seed AS sf, gv.seed AS sv,
+                                 gf.stage AS stf, gv.stage AS stv
+                          FROM comparisons c JOIN generations gf ON gf.generation_id = c.response_a_id
+                          JOIN generations gv ON gv.generation_id = c.response_b_id""")
+    assert len(rows) == s["contrast_labelled"] > 0
+    for r in rows:
+        raw, pf, pv = json.loads(r["raw_output"]), json.loads(r["pf"]), json.loads(r["pv"])
+        assert r["pair_kind"] == "contrast" and r["p_a"] == 0.8 and r["status"] == "ok"
+        assert r["principle_ids"] == [raw["principle"]] == [pf["principle_id"]]
+        assert pf["system"] == raw["system_follow"] and pv["system"] == raw["system_violate"]
+        assert raw["system_follow"] != raw["system_violate"]
+        assert (r["stf"], r["stv"]) == ("contrast_follow", "contrast_violate") and r["sf"] == r["sv"]
+        assert json.loads(r["params"])["contrast"]["confidence"] == 0.8
+    # The pairs reach the preferences view with the follow answer chosen.
+    prefs = store.query("SELECT * FROM preferences WHERE pair_kind = 'contrast'")
+    assert len(prefs) == len(rows) and {p["chosen"] for p in prefs} == {r["response_a"] for r in rows}
+    assert run_label(store, cfg, progress=False)["contrast_labelled"] == 0  # idempotent
+    # RLCD-rescore: same answers (same ids), labelled by the judge.
+    rescored = run_label(store, cfg.model_copy(update={"contrast": contrast.model_copy(update={"rescore": True})}),
+                         progress=False)
+    assert rescored["contrast_labelled"] == len(rows)
+    new = store.query("SELECT * FROM comparisons WHERE method LIKE 'rlcd_rescore:%'")
+    assert {(r["response_a_id"], r["response_b_id"]) for r in new} == {(r["response_a_id"], r["response_b_id"]) for r in rows}
+    assert all(0 < r["p_a"] < 1 and r["p_a"] != 0.8 and r["judge_name"] == "multiple-choice" for r in new)
+    assert store.query("SELECT count(*) AS n FROM generations")[0]["n"] == 2 * s["contrast_prompts"]

@@ -351,3 +351,30 @@ def test_cli_ppo(tmp_path, tiny_policy_dir, demo_prompt_files):
     bad = subprocess.run([cai, "ppo", "--policy", str(tiny_policy_dir), "--batch-size", "6", "--minibatch-size", "4"],
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 1 and "multiple of minibatch_size" in bad.stderr
+
+
+def test_d_rlaif_judge_reward_in_a_short_ppo_run(prompt_store, tiny_policy_dir, tmp_path, one_thread):
+    """--reward judge:SPEC: the judge's direct score of each rollout is the reward (no reward model)."""
+    from cai.judge import load_judge
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = tmp_path / "pointwise.yaml"
+    spec.write_text((repo / "judges" / "pointwise.yaml").read_text()
+                    .replace("model: smollm2-135m-instruct", f"model: {tiny_policy_dir}")
+                    .replace("min_option_prob: 0.01", "min_option_prob: 0"))
+    convs = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Tell me about cats."}]]
+    direct = load_judge(str(spec)).judge.score_responses(convs, ["Hello!", "Cats purr."])
+    cfg = PPOConfig(policy=str(tiny_policy_dir), reward=f"judge:{spec}", steps=2, batch_size=4, minibatch_size=2,
+                    max_new_tokens=4, eval_split=None, normalize_reward=False)
+    summary = run_ppo(prompt_store, cfg, progress=False, plot=False)
+    params = json.loads(prompt_store.query("SELECT params FROM runs WHERE run_id = ?", [summary["run_id"]])[0]["params"])
+    assert params["reward_id"] == f"judge:{spec}"
+    rows = prompt_store.query("SELECT prompt_id, response, reward FROM samples WHERE split = 'train'")
+    assert len(rows) >= 4 and all(-1 <= r["reward"] <= 1 for r in rows)
+    assert len({round(r["reward"], 6) for r in rows}) > 1  # a real score per rollout, not a constant
+    # the reward PPO saw is the judge's direct reward of that rollout
+    prompts = {p["prompt_id"]: json.loads(p["messages"]) for p in prompt_store.query("SELECT prompt_id, messages FROM prompts")}
+    again = load_judge(str(spec)).judge.score_responses([prompts[r["prompt_id"]] for r in rows[:3]],
+                                                        [r["response"] for r in rows[:3]])
+    assert again == pytest.approx([r["reward"] for r in rows[:3]], abs=1e-4)
+    assert all(-1 <= d <= 1 for d in direct)

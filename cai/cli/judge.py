@@ -90,7 +90,7 @@ def judge_show(spec: Annotated[str, typer.Argument(help="Judge spec: path or nam
 def label(db: DbOption = None,
           judge: Annotated[str, typer.Option(help="Judge spec: path or name under judges/.")] = "multiple-choice",
           constitution: Annotated[str, typer.Option(help="Constitution: path or name.")] = "harmless",
-          pairs: Annotated[str, typer.Option(help="Comma-separated: initial_vs_revised, two_samples.")]
+          pairs: Annotated[str, typer.Option(help="Comma-separated: initial_vs_revised, two_samples, contrast.")]
           = "initial_vs_revised,two_samples",
           model: Annotated[str | None, typer.Option(help="Judge model (default: the spec's).")] = None,
           engine: Annotated[str | None, typer.Option(help="transformers | vllm | openai (default: the spec's).")]
@@ -104,6 +104,13 @@ def label(db: DbOption = None,
           seed: Annotated[int, typer.Option(help="Seeds the principle draw per pair.")] = 0,
           changed: Annotated[bool, typer.Option("--changed", help="After editing the constitution: judge again only "
                                                 "the pairs its edit touched, carry the other labels over.")]
+          = False,
+          contrast_model: Annotated[str | None, typer.Option(
+              help="contrast pairs: the policy that answers (default: the embedded model).")] = None,
+          contrast_limit: Annotated[int | None, typer.Option(help="contrast pairs: at most this many prompts.")]
+          = None,
+          confidence: Annotated[float, typer.Option(help="contrast pairs: P(follow answer better).")] = 0.9,
+          rescore: Annotated[bool, typer.Option(help="contrast pairs: label with the judge (RLCD-rescore).")]
           = False) -> None:
     """Label pairs of responses with an AI judge into `comparisons` (resumable)."""
     from pydantic import ValidationError
@@ -116,7 +123,9 @@ def label(db: DbOption = None,
         cfg = LabelConfig(judge=judge, constitution=constitution,
                           pairs=[p.strip() for p in pairs.split(",") if p.strip()], model=model, engine=engine,
                           engine_options=engine_options(base_url, engine_option), shard=shard, split=split, limit=limit,
-                          batch_size=batch_size, seed=seed, changed=changed)
+                          batch_size=batch_size, seed=seed, changed=changed,
+                          contrast={"confidence": confidence, "rescore": rescore, "limit": contrast_limit,
+                                    **({"model": contrast_model} if contrast_model else {})})
     except ValidationError as e:
         fail("; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))
     try:

@@ -188,6 +188,34 @@ class Engine(ABC):
     def _next_token_logprobs(self, prompts: list[str], candidates: list[int],
                              top_k: int) -> list[dict[int, float]]: ...
 
+    def score_continuations(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[list[float]]:
+        """log p(token | prompt, earlier tokens) of each token of each continuation after its prompt
+        (prompt log-probs; used by the contrast_likelihood judge).
+
+        The prompt and the continuation are tokenised separately and joined, so a continuation has
+        the same tokens after any prompt (the follow and the violate prompt of a contrast read).
+        An empty continuation gets an empty list.
+        """
+        if not prompts:
+            return []
+        heads = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        tails = self.tokenizer([c or "" for c in continuations], add_special_tokens=False)["input_ids"]
+        for k, head in enumerate(heads):
+            if not head:
+                raise ValueError(f"prompt {k} encodes to no tokens")
+        todo = [k for k, t in enumerate(tails) if t]
+        out: list[list[float]] = [[] for _ in prompts]
+        if todo:
+            got = self._continuation_logprobs([list(heads[k]) + list(tails[k]) for k in todo],
+                                              [len(heads[k]) for k in todo])
+            for k, lp in zip(todo, got, strict=True):
+                out[k] = lp
+        return out
+
+    def _continuation_logprobs(self, ids: list[list[int]], starts: list[int]) -> list[list[float]]:
+        raise NotImplementedError(f"the {self.name} engine cannot score prompt tokens (prompt log-probs); "
+                                  "use the transformers or vllm engine for this judge method")
+
     # ---- misc ------------------------------------------------------------------------------
     @property
     def eos_token_ids(self) -> set[int]:

@@ -360,6 +360,32 @@ class TransformersEngine(Engine):
             bar.close()
         return out
 
+    def _continuation_logprobs(self, ids: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """Exact token log-probabilities of ids[k][starts[k]:], one forward pass per batch."""
+        import torch
+
+        out: list[list[float]] = [[] for _ in ids]
+        batches = self._batches(ids, self.batch_size)
+        bar = self._bar(len(batches), f"{self.name} prompt logprobs")
+        try:
+            with self._Running(self):
+                for batch in batches:
+                    seqs = [ids[i] for i in batch]
+                    input_ids, mask, positions = self._left_pad(seqs)
+                    logits = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                     use_cache=False).logits.float()
+                    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                    token_lp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                    width = input_ids.shape[1]
+                    for r, i in enumerate(batch):
+                        pad = width - len(ids[i])
+                        # token t (in the unpadded sequence) is predicted at position pad + t - 1
+                        out[i] = token_lp[r, pad + starts[i] - 1:].tolist()
+                    bar.update(1)
+        finally:
+            bar.close()
+        return out
+
     def close(self) -> None:
         """Drop the reference to the model (memory is freed once nothing else holds it)."""
         self.lm = None

@@ -278,6 +278,29 @@ class OpenAIEngine(Engine):
         results = self._parallel([lambda c=c: score(c) for c in chunks], f"{self.name} score")
         return [d for chunk_result in results for d in chunk_result]
 
+    def _continuation_logprobs(self, ids: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """Prompt log-probs through ``/completions`` with ``echo`` and ``logprobs`` (vLLM's server
+        and others that implement echo); a server without them gets a clear error."""
+        chunks = [list(range(s, min(s + self.prompts_per_request, len(ids))))
+                  for s in range(0, len(ids), self.prompts_per_request)]
+
+        def score(chunk: list[int]) -> list[list[float]]:
+            resp = self._request("POST", "/completions", self._body(
+                [ids[i] for i in chunk], max_tokens=1, temperature=0.0, echo=True, logprobs=0))
+            out = []
+            for i, c in zip(chunk, sorted(resp["choices"], key=lambda c: c["index"]), strict=True):
+                lps = (c.get("logprobs") or {}).get("token_logprobs") or []
+                if len(lps) < len(ids[i]) or any(x is None for x in lps[starts[i]:len(ids[i])]):
+                    raise EngineRequestError(
+                        f"the server at {self.base_url} did not return prompt log-probs (echo + logprobs on "
+                        "/completions); this judge method needs them: use a vLLM server or the "
+                        "transformers/vllm engine")
+                out.append([float(x) for x in lps[starts[i]:len(ids[i])]])
+            return out
+
+        results = self._parallel([lambda c=c: score(c) for c in chunks], f"{self.name} prompt logprobs")
+        return [r for chunk_result in results for r in chunk_result]
+
     def _candidate_logprobs(self, choice: dict[str, Any], candidates: list[int]) -> dict[int, float]:
         top = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0] or {}
         by_id: dict[int, float] = {}

@@ -171,6 +171,18 @@ class VLLMEngine(Engine):
             result.append({c: float(first[c].logprob) if c in first else NEG_INF for c in candidates})
         return result
 
+    def _continuation_logprobs(self, ids: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """vLLM's prompt log-probs (``prompt_logprobs=0``: the prompt token's own log-prob)."""
+        from vllm import SamplingParams as VSamplingParams
+
+        sp = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self._run(ids, [sp] * len(ids))
+        result = []
+        for o, seq, start in zip(outputs, ids, starts, strict=True):
+            plp = o.prompt_logprobs or []
+            result.append([float(plp[t][seq[t]].logprob) for t in range(start, len(seq))])
+        return result
+
     # ---- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
         """Shut the engine core down and free its memory; a new engine can be built afterwards."""
