@@ -53,6 +53,7 @@ from cai.eval_report import _fmt, _plots, _quote, _report, _short  # noqa: F401
 from cai.models import DEFAULT_MODEL, resolve_in_store
 from cai.refusal import _REFUSAL_RE, REFUSAL_PATTERNS, REFUSAL_WINDOW, is_refusal  # noqa: F401
 from cai.refusals import DEFAULT as DEFAULT_REFUSAL_CLASSIFIER
+from cai.sharding import ShardField, shard_note, take_shard
 from cai.store import Store, content_hash, now
 
 EngineKind = Literal["transformers", "vllm", "openai"]
@@ -101,6 +102,10 @@ class EvaluateConfig(BaseModel):
                                                               "250 safe and 200 unsafe).")
     gold_rm: str | None = Field(None, description="A second-opinion reward model the RL stage did not use: scores "
                                                   "policy and baseline, paired difference with its standard error.")
+    # ---- scale-out ----
+    shard: ShardField = Field(None, description="I/N: only the evaluation prompts (after `limit`) whose prompt id "
+                                                "hashes to shard I of N; the N shards' generations and comparisons "
+                                                "are exactly one unsharded run's, each shard's metrics its own rows.")
 
     @field_validator("refusal_classifier")
     @classmethod
@@ -239,6 +244,7 @@ def _generate(store: Store, cfg: EvaluateConfig, model: str, model_id: str, *, t
     ``by_id``: generate for exactly these prompts (a benchmark sample) instead of the split's selection."""
     from cai.generate import GenerateConfig, generation_id, run_generate
 
+    by_id = by_id or cfg.shard is not None  # a shard generates exactly its own prompts
     base = dict(model=model, engine=cfg.engine, engine_options=cfg.engine_options, n=n, temperature=temperature,
                 top_p=top_p, max_tokens=cfg.max_tokens, seed=cfg.seed, split=None if by_id else cfg.split,
                 batch_size=cfg.batch_size, stage="eval")
@@ -390,17 +396,23 @@ def run_evaluate(store: Store, cfg: EvaluateConfig, *, engine: Engine | None = N
     baseline_id, baseline_path = resolve_model(store, cfg.baseline or default_baseline(store, policy_id))
     reward_model = cfg.reward_model or default_reward_model(store, policy_id)
     gold_rm = check_gold_rm(store, cfg.gold_rm, policy_id) if cfg.gold_rm else None
-    prompts = select_eval_prompts(store, cfg)
+    # Select first, then shard: the N shards' prompts are exactly one unsharded run's.
+    prompts = take_shard(select_eval_prompts(store, cfg), cfg.shard, lambda p: p["prompt_id"])
     xs_prompts: list[dict[str, Any]] = []
     if cfg.xstest:
         from cai.xstest import sample_xstest
 
-        xs_prompts = sample_xstest(store, cfg.xstest, cfg.xstest_sample, cfg.seed)
+        xs_prompts = take_shard(sample_xstest(store, cfg.xstest, cfg.xstest_sample, cfg.seed), cfg.shard,
+                                lambda p: p["prompt_id"])
+    if not prompts:
+        raise LookupError(f"shard {cfg.shard} holds none of the {cfg.split or 'all'} evaluation prompts; "
+                          "use fewer shards")
     dataset = f"prompts/{cfg.split or 'all'}"
     run_id = store.start_run("evaluate", {**cfg.model_dump(), "policy_id": policy_id, "baseline_id": baseline_id,
                                           "reward_model": reward_model})
     summary: dict[str, Any] = {"run_id": run_id, "policy_id": policy_id, "baseline_id": baseline_id,
-                               "reward_model_id": reward_model, "dataset": dataset, "prompts": len(prompts)}
+                               "reward_model_id": reward_model, "dataset": dataset, "prompts": len(prompts),
+                               **shard_note(cfg.shard)}
     try:
         # ---- 1. responses, through the generation stage (stored, resumable) --------------------
         gen = dict(temperature=cfg.temperature, top_p=cfg.top_p, n=1, progress=progress, prompts=prompts)
@@ -479,7 +491,7 @@ def run_evaluate(store: Store, cfg: EvaluateConfig, *, engine: Engine | None = N
                "refusal_classifier": cfg.refusal_classifier, "gold_rm_id": summary.get("gold_rm_id"),
                "xstest": {"file": Path(cfg.xstest).name, "prompt_ids": content_hash(sorted(p["prompt_id"]
                                                                                          for p in xs_prompts))}
-               if xs_prompts else None}
+               if xs_prompts else None, **shard_note(cfg.shard)}
         eval_key = content_hash(key)
         common = {**key, "judge": facts["judge"], "eval_key": eval_key, "run_id": run_id}
         metrics: list[tuple[str, float | None, dict[str, Any]]] = []

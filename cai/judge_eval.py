@@ -286,13 +286,20 @@ def run_judge_eval(store: Store | None, path: str | Path, spec: JudgeSpec, engin
                    model_id: str, engine_kind: str, principles: list[PrincipleRef] | None = None,
                    constitution_hash: str | None = None, limit: int | None = None, batch_size: int = 64,
                    seed: int = 0, out_dir: str | Path | None = Path("data") / "runs" / "judge-eval",
-                   progress: bool = True, by: list[str] | None = None) -> JudgeEvalReport:
-    """``by``: fields of the file to break agreement down by (default: the subset-like ones it has)."""
+                   progress: bool = True, by: list[str] | None = None, shard: str | None = None) -> JudgeEvalReport:
+    """``by``: fields of the file to break agreement down by (default: the subset-like ones it has).
+    ``shard``: ``"I/N"``, only the pairs whose item id hashes to shard I (after ``limit``); the items of
+    the N shards together are exactly the items of one unsharded run (the A/B coin and the judge's
+    seeds come from the item id, not its position), and each shard writes its own evaluation rows."""
     from tqdm.auto import tqdm
+
+    from cai.sharding import shard_note, take_shard
 
     started = time.time()
     path = Path(path)
-    pairs = load_labelled_pairs(path, limit)
+    pairs = take_shard(load_labelled_pairs(path, limit), shard, lambda p: content_hash("judge-eval", p.id))
+    if not pairs:
+        raise LookupError(f"{path}: shard {shard} holds none of the pairs; use fewer shards")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     judge = Judge(spec, engine, principles, seed=seed)
     # A seeded coin per item: the human's choice is A or B.
@@ -338,10 +345,12 @@ def run_judge_eval(store: Store | None, path: str | Path, spec: JudgeSpec, engin
         seconds=round(time.time() - started, 2),
         pairs_per_second=round(len(items) / judge_seconds, 3) if judge_seconds else None,
         details={"dataset_sha256": digest, "limit": limit, "seed": seed, "constitution_hash": constitution_hash,
-                 "answer_tokens": judge.answer.pieces if judge.answer else None, "engine_calls": judge.calls},
+                 "answer_tokens": judge.answer.pieces if judge.answer else None, "engine_calls": judge.calls,
+                 **shard_note(shard)},
     )
+    # The tag names the rows' evaluation: a shard's rows are their own (unsharded tags are unchanged).
     tag = content_hash(spec.hash, model_id, engine_kind, digest, limit, seed, constitution_hash,
-                       *([by] if by else []), length=8)
+                       *([by] if by else []), *([f"shard:{shard}"] if shard else []), length=8)
     if out_dir is not None:
         out_dir = Path(out_dir)
         stem = f"{spec.name}-{path.stem}-{tag}"

@@ -291,10 +291,18 @@ DEFAULT_SCORE_SQL = ("SELECT g.generation_id AS id, p.messages, g.text AS respon
                      "JOIN prompts p USING (prompt_id) WHERE g.text IS NOT NULL ORDER BY g.created_at, g.generation_id")
 
 
+def _score_key(messages: Any, responses: Any) -> str:
+    """A row's shard key: the content it scores (position-free, so ``--shard`` partitions exactly)."""
+    return content_hash("rm-score", messages, responses)
+
+
 def score_file(rm: RewardModel, path: str | Path, *, limit: int | None = None,
-               batch_size: int = 16) -> list[dict[str, Any]]:
-    """The file's records with ``reward`` (or ``reward_chosen`` and ``reward_rejected``) added."""
-    rows = read_score_rows(path, limit)
+               batch_size: int = 16, shard: str | None = None) -> list[dict[str, Any]]:
+    """The file's records with ``reward`` (or ``reward_chosen`` and ``reward_rejected``) added.
+    ``shard``: ``"I/N"``, only the records (of the first ``limit``) whose content hashes to shard I."""
+    from cai.sharding import take_shard
+
+    rows = take_shard(read_score_rows(path, limit), shard, lambda r: _score_key(r["messages"], r["responses"]))
     prompts, responses, where = [], [], []
     for i, row in enumerate(rows):
         for key, text in row["responses"].items():
@@ -309,15 +317,19 @@ def score_file(rm: RewardModel, path: str | Path, *, limit: int | None = None,
 
 
 def score_store(rm: RewardModel, store: Store, *, sql: str | None = None, limit: int | None = None,
-                batch_size: int = 16) -> list[dict[str, Any]]:
+                batch_size: int = 16, shard: str | None = None) -> list[dict[str, Any]]:
     """Score rows of a read-only query returning ``messages`` (or ``prompt``) and ``response``
-    (default: every generation)."""
+    (default: every generation). ``shard``: only the rows (of the first ``limit``) whose prompt and
+    response hash to shard I of N."""
+    from cai.sharding import take_shard
+
     query = sql or DEFAULT_SCORE_SQL
     if limit:
         query = f"SELECT * FROM ({query}) LIMIT {int(limit)}"
     rows = store.query(query)
     if rows and ("response" not in rows[0] or not ({"messages", "prompt"} & set(rows[0]))):
         raise ValueError("the query must return a 'response' column and a 'messages' (or 'prompt') column")
+    rows = take_shard(rows, shard, lambda r: _score_key(r.get("messages", r.get("prompt")), r["response"]))
     prompts = []
     for r in rows:
         if "messages" in r:  # the store keeps chat lists as JSON text

@@ -128,6 +128,12 @@ def test_cli_shard_and_engine_option_errors(tmp_path):
     assert bad.exit_code != 0 and "--shard" in bad.output and "0 <= I < N" in bad.output
     bad = CliRunner().invoke(app, ["label", "--db", db, "--engine-option", "no-equals-sign"])
     assert bad.exit_code != 0 and "KEY=VALUE" in bad.output
+    # evaluate and judge-eval take both options too (checked before any model loads)
+    for cmd in (["evaluate", "--db", db], ["judge-eval", str(PAIRS_FILE), "--db", db]):
+        bad = CliRunner().invoke(app, [*cmd, "--shard", "2/2"])
+        assert bad.exit_code != 0 and "shard" in bad.output and "0 <= I < N" in bad.output, cmd
+        bad = CliRunner().invoke(app, [*cmd, "--engine-option", "no-equals-sign"])
+        assert bad.exit_code != 0 and "KEY=VALUE" in bad.output, cmd
 
 
 def test_openai_engine_routes_by_prompt_prefix(monkeypatch):
@@ -160,3 +166,105 @@ def test_openai_engine_routes_by_prompt_prefix(monkeypatch):
     by_prompt = {p: hosts[",".join(str(ord(c)) for c in p)] for p in prompts}
     assert len({by_prompt[p] for p in prompts[:6]}) == 1  # same prefix, same server
     assert set(by_prompt.values()) == {"a", "b", "c"}  # other prefixes use every server
+
+
+# ---- judge-eval, rm score and evaluate take --shard too ------------------------------------------------
+PAIRS_FILE = REPO / "tests" / "data" / "labelled_pairs.jsonl"
+
+
+def test_judge_eval_shards_union_is_the_unsharded_items(tmp_path, tiny_policy_dir):
+    from cai.engines import get_engine
+    from cai.judge_eval import run_judge_eval
+    from cai.judge_spec import load_judge_spec
+
+    text = (REPO / "judges" / "multiple-choice.yaml").read_text()
+    text = text.replace("model: smollm2-135m-instruct", f"model: {tiny_policy_dir}").replace(
+        "min_option_prob: 0.01", "min_option_prob: 0")
+    (tmp_path / "mc.yaml").write_text(text)
+    spec = load_judge_spec(tmp_path / "mc.yaml")
+    engine = get_engine("transformers", str(tiny_policy_dir), progress=False)
+    store = Store(tmp_path / "je.duckdb")
+    kw = dict(model_id="tiny", engine_kind="transformers", batch_size=4, out_dir=tmp_path / "out", progress=False)
+
+    def items(report) -> dict[str, dict]:
+        return {it["id"]: it for it in map(json.loads, Path(report.items_file).read_text().splitlines())}
+
+    whole = items(run_judge_eval(store, PAIRS_FILE, spec, engine, **kw))
+    reports = [run_judge_eval(store, PAIRS_FILE, spec, engine, shard=f"{i}/2", **kw) for i in range(2)]
+    parts = [items(r) for r in reports]
+    assert len(whole) == 6 and all(parts) and not parts[0].keys() & parts[1].keys()
+    union = parts[0] | parts[1]
+    assert union.keys() == whole.keys()
+    for key, it in whole.items():  # same A/B coin, same verdict: position-free
+        assert close({k: v for k, v in it.items() if k != "line"}, {k: v for k, v in union[key].items() if k != "line"})
+    # each shard's metrics are rows of their own, marked with the shard; the unsharded rows are untouched
+    assert [r.n for r in reports] == [len(p) for p in parts] and all(r.details["shard"] for r in reports)
+    shards = store.query("SELECT DISTINCT details->>'shard' AS s FROM evaluations WHERE kind = 'judge_quality'")
+    assert {r["s"] for r in shards} == {None, "0/2", "1/2"}
+
+
+def test_rm_score_shards_union_is_the_unsharded_scores(tmp_path, tiny_reward_dir):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+    from cai.rm import RewardModel, score_file, score_store
+
+    rm = RewardModel.load(str(tiny_reward_dir))
+    whole = score_file(rm, PAIRS_FILE, batch_size=4)
+    parts = [score_file(rm, PAIRS_FILE, batch_size=4, shard=f"{i}/2") for i in range(2)]
+    assert all(parts) and len(parts[0]) + len(parts[1]) == len(whole) == 6
+    by_id = {r["id"]: r for r in parts[0] + parts[1]}
+    for r in whole:
+        assert close(r, by_id[r["id"]]) and "reward_chosen" in r
+
+    store = Store(tmp_path / "rm.duckdb")
+    store.init()
+    sql = ("SELECT * FROM (VALUES ('a', 'hi', 'hello'), ('b', 'hi', 'bye'), ('c', 'why?', 'because'), "
+           "('d', 'who?', 'me'), ('e', 'what?', 'this')) t(id, prompt, response)")
+    rows = score_store(rm, store, sql=sql, batch_size=2)
+    split = [score_store(rm, store, sql=sql, batch_size=2, shard=f"{i}/2") for i in range(2)]
+    assert sorted(r["id"] for r in split[0] + split[1]) == sorted(r["id"] for r in rows)
+    assert close(sorted(rows, key=lambda r: r["id"]), sorted(split[0] + split[1], key=lambda r: r["id"]))
+    # the command line takes it, and says how to write a bad one
+    out = tmp_path / "s0.jsonl"
+    ok = CliRunner().invoke(app, ["rm", "score", str(PAIRS_FILE), "--model", str(tiny_reward_dir), "--db",
+                                  str(store.path), "--shard", "0/2", "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [r["id"] for r in parts[0]]
+    bad = CliRunner().invoke(app, ["rm", "score", str(PAIRS_FILE), "--model", str(tiny_reward_dir), "--shard", "2"])
+    assert bad.exit_code != 0 and "I/N" in bad.output
+
+
+def test_evaluate_shards_union_is_the_unsharded_rows(tmp_path, tiny_policy_dir, demo_prompt_files, constitution_path):
+    """Generations and judged comparisons of two evaluate shards are, row for row, one unsharded run's."""
+    from cai.evaluate import EvaluateConfig, run_evaluate
+    from cai.ingest import ingest_file
+    from cai.testing import build_tiny_model
+
+    text = (REPO / "judges" / "multiple-choice.yaml").read_text()
+    text = text.replace("model: smollm2-135m-instruct", f"model: {tiny_policy_dir}").replace(
+        "min_option_prob: 0.01", "min_option_prob: 0")
+    (tmp_path / "mc.yaml").write_text(text)
+    policy = build_tiny_model(tmp_path / "other-policy", "policy", seed=3)
+    whole = Store(tmp_path / "whole.duckdb")
+    ingest_file(whole, demo_prompt_files[0])
+    shutil.copy(whole.path, tmp_path / "sharded.duckdb")
+    sharded = Store(tmp_path / "sharded.duckdb")
+    cfg = EvaluateConfig(policy=str(policy), baseline=str(tiny_policy_dir), judge=str(tmp_path / "mc.yaml"),
+                         constitution=str(constitution_path), limit=4, max_tokens=3, temperature=1.0, kl_samples=0,
+                         batch_size=4, report_dir=str(tmp_path / "reports"))
+    s = run_evaluate(whole, cfg, progress=False, plot=False)
+    done = [run_evaluate(sharded, cfg.model_copy(update={"shard": f"{i}/2"}), progress=False, plot=False)
+            for i in range(2)]
+    assert [d["shard"] for d in done] == ["0/2", "1/2"] and all(d["prompts"] for d in done)
+    assert sum(d["prompts"] for d in done) == s["prompts"] == 4
+    for name in ("generations", "comparisons"):
+        a, b = table(whole, name), table(sharded, name)
+        assert a and a.keys() == b.keys(), name
+        for key in a:
+            for row in (a[key], b[key]):  # which evaluate run judged the pair is volatile, like run_id
+                if row.get("params"):
+                    row["params"] = {k: v for k, v in json.loads(row["params"]).items() if k != "evaluate_run_id"}
+            assert close(a[key], b[key]), (name, key)
+    # each shard's metrics are their own evaluation rows (the evaluation key names the shard)
+    assert sharded.scalar("SELECT count(DISTINCT details->>'eval_key') FROM evaluations WHERE metric = 'win_rate'") == 2

@@ -6,7 +6,20 @@ from typing import Annotated
 
 import typer
 
-from cai.cli.common import DbOption, SetOption, _fmt, _store, _train_config, app, console, fail, print_rows
+from cai.cli.common import (
+    DbOption,
+    EngineOptionOption,
+    SetOption,
+    ShardOption,
+    _fmt,
+    _store,
+    _train_config,
+    app,
+    console,
+    engine_options,
+    fail,
+    print_rows,
+)
 from cai.store import StoreLockedError
 
 
@@ -42,6 +55,8 @@ def evaluate(db: DbOption = None,
              xstest_sample: Annotated[int | None, typer.Option(help="XSTest prompts per label (seeded).")] = None,
              refusal_classifier: Annotated[str | None, typer.Option(help="rules | phrases | judge | combined "
                                                                     "(default: the best measured).")] = None,
+             engine_option: EngineOptionOption = None,
+             shard: ShardOption = None,
              sets: SetOption = None) -> None:
     """Evaluate a policy against its parent on held-out prompts: judge win rate, reward, KL, length,
     refusals, Elo. Rows go to `evaluations`; a markdown report and PNG plots beside the DB."""
@@ -51,11 +66,11 @@ def evaluate(db: DbOption = None,
 
     cfg = _train_config(EvaluateConfig, {
         "policy": policy, "baseline": baseline, "judge": judge, "constitution": constitution,
-        "reward_model": reward_model, "engine": engine, "engine_options": {"base_url": base_url} if base_url else None,
+        "reward_model": reward_model, "engine": engine, "engine_options": engine_options(base_url, engine_option) or None,
         "judge_model": judge_model, "judge_engine": judge_engine, "split": split, "limit": limit,
         "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "batch_size": batch_size,
         "kl_samples": kl_samples, "gold_rm": gold_rm, "xstest": xstest, "xstest_sample": xstest_sample,
-        "refusal_classifier": refusal_classifier}, sets)
+        "refusal_classifier": refusal_classifier, "shard": shard}, sets)
     try:
         summary = run_evaluate(_store(db), cfg, plot=plot)
     except (SpecError, FileNotFoundError, ModelNotFoundError, LookupError, ValueError, StoreLockedError) as e:

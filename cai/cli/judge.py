@@ -152,14 +152,22 @@ def judge_eval(file: Annotated[Path, typer.Argument(help="JSONL of human-labelle
                = Path("data/runs/judge-eval"),
                by: Annotated[list[str] | None, typer.Option(
                    help="Break agreement down by this field of the file (repeatable; default: the subset-like "
-                        "fields it has: subset, source, category, agreement, ...).")] = None) -> None:
+                        "fields it has: subset, source, category, agreement, ...).")] = None,
+               engine_option: EngineOptionOption = None,
+               shard: ShardOption = None) -> None:
     """How well a judge agrees with people, with 95% intervals: agreement beside the longer-answer baseline,
     per subset and per principle; position consistency, calibration, invalid rate."""
     from cai.judge_eval import load_labelled_pairs, run_judge_eval
     from cai.label import find_constitution, judge_engine, load_spec, principle_refs
     from cai.models import ModelNotFoundError
+    from cai.sharding import parse_shard
     from cai.yamlio import SpecError
 
+    options = engine_options(base_url, engine_option)
+    try:
+        parse_shard(shard)
+    except ValueError as e:
+        fail(f"--shard: {e}")
     store = _store(db)
     try:
         load_labelled_pairs(file, limit)  # a bad file fails before a model is loaded
@@ -173,10 +181,10 @@ def judge_eval(file: Annotated[Path, typer.Argument(help="JSONL of human-labelle
             principles, chash = principle_refs(c), c.hash
             store.register_constitution(c)
         kind = engine or s.engine
-        eng = judge_engine(s, path, kind, {"base_url": base_url} if base_url else {})
+        eng = judge_engine(s, path, kind, options)
         report = run_judge_eval(store, file, s, eng, model_id=model_id, engine_kind=kind, principles=principles,
                                 constitution_hash=chash, limit=limit, batch_size=batch_size, seed=seed,
-                                out_dir=out_dir, by=by)
+                                out_dir=out_dir, by=by, shard=shard)
     except (SpecError, FileNotFoundError, ModelNotFoundError, LookupError, StoreLockedError) as e:
         fail(str(e))
     m = report.metrics

@@ -14,6 +14,7 @@ from cai.cli.common import (
     DbOption,
     NumProcessesOption,
     SetOption,
+    ShardOption,
     _store,
     _train_config,
     app,
@@ -106,9 +107,17 @@ def rm_score(model: Annotated[str, typer.Option(help="Reward model: store model 
              out: Annotated[Path | None, typer.Option(help="Write JSONL with the rewards here.")] = None,
              limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
              batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 16,
-             raw: Annotated[bool, typer.Option(help="Do not subtract the stored offset.")] = False) -> None:
+             raw: Annotated[bool, typer.Option(help="Do not subtract the stored offset.")] = False,
+             shard: ShardOption = None) -> None:
     """Score (prompt, response) rows from a file or the store with a reward model."""
     import statistics
+
+    from cai.sharding import parse_shard
+
+    try:
+        parse_shard(shard)
+    except ValueError as e:
+        fail(f"--shard: {e}")
 
     from cai.models import ModelNotFoundError
     from cai.rm import PairsFileError, RewardModel, score_file, score_store
@@ -118,8 +127,8 @@ def rm_score(model: Annotated[str, typer.Option(help="Reward model: store model 
         rm = RewardModel.load(model, store=store)
         if raw:
             rm.offset = 0.0
-        rows = (score_file(rm, file, limit=limit, batch_size=batch_size) if file
-                else score_store(rm, store, sql=sql, limit=limit, batch_size=batch_size))
+        rows = (score_file(rm, file, limit=limit, batch_size=batch_size, shard=shard) if file
+                else score_store(rm, store, sql=sql, limit=limit, batch_size=batch_size, shard=shard))
     except (ModelNotFoundError, PairsFileError, FileNotFoundError, ValueError, StoreLockedError) as e:
         fail(str(e))
     text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
