@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # compute.py
 
 
 def prepare(workdir: Path, args) -> Path:
@@ -53,15 +54,18 @@ def bench_engine(kind: str, engine, base_db: Path, workdir: Path, args) -> dict:
     cfg = CritiqueConfig(model=args.model, engine=kind, constitution=args.constitution, rounds=args.rounds,
                          few_shot=args.few_shot, temperature=args.temperature,
                          critique_max_tokens=args.critique_max_tokens, revision_max_tokens=args.revision_max_tokens)
-    t0 = time.perf_counter()
-    summary = run_critique(store, cfg, engine=engine, progress=False)
-    seconds = time.perf_counter() - t0
+    from compute import EngineTokens
+
+    with EngineTokens() as counted:  # every critique and revision request: prompt + generated tokens
+        t0 = time.perf_counter()
+        summary = run_critique(store, cfg, engine=engine, progress=False)
+        seconds = time.perf_counter() - t0
     texts = {(r["generation_id"], r["round"]): r["raw_revision"]
              for r in store.query("SELECT generation_id, round, raw_revision FROM revisions")}
     return {"engine": kind, "revisions": summary["revised"], "seconds": round(seconds, 2),
             "revisions_per_second": round(summary["revised"] / seconds, 3),
             "tokens": summary["tokens"], "tokens_per_second": round(summary["tokens"] / seconds, 1),
-            "status": summary["status"], "texts": texts}
+            "status": summary["status"], "texts": texts, "flops": counted.flops()}
 
 
 def main() -> None:
@@ -117,6 +121,11 @@ def main() -> None:
         same = sum(hf_r["texts"].get(k) == v for k, v in vl_r["texts"].items())
         print(f"\nvLLM / transformers: {vl_r['revisions_per_second'] / hf_r['revisions_per_second']:.2f}x revisions/s; "
               f"{same}/{len(vl_r['texts'])} revisions identical between engines")
+    from compute import matmul_peak, print_share
+
+    peak = matmul_peak() if results else None
+    for r in results:  # 2 x parameters x (prompt + generated) tokens of every engine call
+        r["compute_share"] = print_share(f"compute ({r['engine']})", r["flops"], r["seconds"], peak)
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if k != "texts"} for r in results], indent=2))
 

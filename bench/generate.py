@@ -21,6 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 BUILTIN_PROMPTS = [
     "Explain how a rainbow forms.", "Write a short poem about autumn leaves.",
@@ -55,11 +56,14 @@ def load_prompts(n: int) -> tuple[list[str], str]:
 
 def run(engine, convs, params) -> dict:
     engine.chat(convs[:2], params.__class__(**{**params.to_dict(), "max_tokens": 4}))  # warm-up
-    t0 = time.perf_counter()
-    out = engine.chat(convs, params)
-    seconds = time.perf_counter() - t0
+    from compute import EngineTokens
+
+    with EngineTokens() as counted:  # prompt + generated tokens, for the share of the compute peak
+        t0 = time.perf_counter()
+        out = engine.chat(convs, params)
+        seconds = time.perf_counter() - t0
     tokens = sum(c.num_tokens for samples in out for c in samples)
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "flops": counted.flops(),
             "texts": [samples[0].text for samples in out]}
 
 
@@ -113,6 +117,11 @@ def main() -> None:
     print(f"(transformers: {results['transformers']['threads']} torch thread(s), batch size {args.hf_batch_size}; "
           f"vLLM: {results['vllm']['dtype']}, its own OpenMP binding)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    from compute import matmul_peak, print_share
+
+    peak = matmul_peak()
+    for name, r in results.items():  # 2 x parameters x (prompt + generated) tokens
+        r["compute_share"] = print_share(f"compute ({name})", r["flops"], r["seconds"], peak)
     ratio = results["vllm"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
     same = sum(a == b for a, b in zip(results["transformers"]["texts"], results["vllm"]["texts"], strict=True))
     print(f"\nvLLM / transformers throughput: {ratio:.2f}x")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # compute.py
 DATA = [REPO.parent / "shared" / "data" / "pandalm_test.jsonl", REPO / "tests" / "data" / "labelled_pairs.jsonl"]
 
 
@@ -76,17 +77,22 @@ def naive_loop(model_path: str, spec, pairs, warmup) -> tuple[float, list[float]
     return time.perf_counter() - t0, labels
 
 
-def engine_run(engine, spec, pairs, warmup, chunk: int) -> tuple[float, list[float | None], int]:
+def engine_run(engine, spec, pairs, warmup, chunk: int) -> tuple[float, list[float | None], int, float]:
+    """(seconds, labels, engine calls, FLOPs: 2 x parameters x the tokens of every judge prompt)."""
+    from compute import EngineTokens
+
     from cai.judge import Judge
 
     judge = Judge(spec, engine, None)
     judge.judge(warmup)
     judge.calls = 0
     labels: list[float | None] = []
-    t0 = time.perf_counter()
-    for start in range(0, len(pairs), chunk):
-        labels += [v.p_a for v in judge.judge(pairs[start:start + chunk])]
-    return time.perf_counter() - t0, labels, judge.calls
+    with EngineTokens() as counted:
+        t0 = time.perf_counter()
+        for start in range(0, len(pairs), chunk):
+            labels += [v.p_a for v in judge.judge(pairs[start:start + chunk])]
+        seconds = time.perf_counter() - t0
+    return seconds, labels, judge.calls, counted.flops()
 
 
 def main() -> None:
@@ -120,10 +126,10 @@ def main() -> None:
     results: list[dict] = []
     reference: list[float] | None = None
 
-    def record(name: str, seconds: float, labels, calls: int | None = None) -> None:
+    def record(name: str, seconds: float, labels, calls: int | None = None, flops: float | None = None) -> None:
         nonlocal reference
         row = {"method": name, "seconds": round(seconds, 2), "pairs_per_second": len(pairs) / seconds,
-               "engine_calls": calls}
+               "engine_calls": calls, "flops": flops}
         if reference is None and name.startswith("naive"):
             reference = labels
         elif reference is not None:
@@ -141,8 +147,8 @@ def main() -> None:
 
     print("batched transformers engine ...", flush=True)
     hf = make_engine("transformers", path, batch_size=args.hf_batch_size, progress=False)
-    s, labels, calls = engine_run(hf, spec, pairs, warmup, args.chunk)
-    record(f"transformers engine, batched (batch {args.hf_batch_size})", s, labels, calls)
+    s, labels, calls, flops = engine_run(hf, spec, pairs, warmup, args.chunk)
+    record(f"transformers engine, batched (batch {args.hf_batch_size})", s, labels, calls, flops)
     hf.close()
     del hf
 
@@ -150,9 +156,9 @@ def main() -> None:
         for cache in [True] + ([False] if args.vllm_no_prefix_cache else []):
             print(f"vLLM engine (prefix caching {'on' if cache else 'off'}) ...", flush=True)
             vl = make_engine("vllm", path, enable_prefix_caching=cache, progress=False)
-            s, labels, calls = engine_run(vl, spec, pairs, warmup, args.chunk)
+            s, labels, calls, flops = engine_run(vl, spec, pairs, warmup, args.chunk)
             record(f"vLLM{'-CPU' if vl.info().details.get('platform') == 'cpu' else ''}, prefix caching "
-                   f"{'on' if cache else 'off'}", s, labels, calls)
+                   f"{'on' if cache else 'off'}", s, labels, calls, flops)
             vl.close()
             del vl
 
@@ -165,6 +171,13 @@ def main() -> None:
         same = f"{r['same_preference']:.1%}" if r.get("same_preference") is not None else "-"
         print(f"{r['method']:<48} {r['seconds']:>8.1f} {r['pairs_per_second']:>8.2f} {ratio:>9} {diff:>8} {same:>9}")
     print(f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    from compute import matmul_peak, print_share
+
+    # The same prompts for every method: the naive loop did the batched engine's (counted) work.
+    work = next(r["flops"] for r in results if r["flops"] is not None)
+    peak = matmul_peak()
+    for r in results:
+        r["compute_share"] = print_share(f"compute ({r['method']})", r["flops"] or work, r["seconds"], peak)
     if args.json:
         args.json.write_text(json.dumps({"pairs": len(pairs), "results": results}, indent=2))
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # compute.py
 
 # Summary keys that say how fast a stage went, in the order we prefer to show them.
 _RATE_KEYS = ("tokens_per_second", "generations_per_second", "revisions_per_second", "pairs_per_second",
@@ -41,6 +42,21 @@ def rate_of(summary: dict) -> str:
         if k in summary and summary[k] is not None:
             return f"{k}={summary[k]}"
     return ""
+
+
+def stage_flops(counted, summary: dict) -> tuple[float, str]:
+    """(estimated FLOPs of a stage, how they were counted): 2 x parameters x the tokens of every
+    engine call (exact prompt + generated counts), plus 6 x parameters x the tokens trained where the
+    stage reports them (tokens_per_second x train_seconds of the model at ``path``). A training
+    stage that reports no token count contributes its engine calls only: a lower bound."""
+    from compute import n_params, train_flops
+
+    flops, how = counted.flops(), "engine calls"
+    rate, secs, path = summary.get("tokens_per_second"), summary.get("train_seconds"), summary.get("path")
+    if rate and secs and path and Path(path).is_dir():
+        flops += train_flops(n_params(path), round(rate * secs))
+        how += " + tokens trained"
+    return flops, how
 
 
 def from_db(path: Path, all_runs: bool = False) -> None:
@@ -89,13 +105,18 @@ def main() -> None:
     store = Store(work / "cai.duckdb")
     produced: dict[str, str] = {}
     rows: list[tuple[str, float, str]] = []
+    shares: list[tuple[str, float, float, str]] = []
     print(f"run file {a.run_file}, stages {', '.join(stages)}, store {store.path}", flush=True)
+    from compute import EngineTokens, matmul_peak, print_share
+
     try:
         for stage in stages:
-            started = time.perf_counter()
-            summary = run_stage(stage, cfg, store, produced)
-            seconds = time.perf_counter() - started
+            with EngineTokens() as counted:
+                started = time.perf_counter()
+                summary = run_stage(stage, cfg, store, produced)
+                seconds = time.perf_counter() - started
             rows.append((stage, seconds, rate_of(summary)))
+            shares.append((stage, seconds, *stage_flops(counted, summary)))
             print(f"  {stage}: {seconds:.1f} s  {json.dumps(summary, default=str)[:200]}", flush=True)
     finally:
         clear_engines()
@@ -105,6 +126,10 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     print()
     report(rows)
+    peak = matmul_peak()
+    for stage, seconds, flops, how in shares:
+        print_share(f"compute ({stage}; {how})", flops, seconds, peak)
+    print_share("compute (whole run)", sum(f for _, _, f, _ in shares), sum(s for _, s, _, _ in shares), peak)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # compute.py
 
 PROMPTS = [
     "Explain how a rainbow forms.", "Write a short poem about autumn leaves.",
@@ -182,6 +183,22 @@ def describe(result: dict, warmup: int) -> str:
             f"scoring {split['scoring_seconds']:.3f}, training {split['training_seconds']:.3f})")
 
 
+def step_flops(policy: str, reward: str, a: argparse.Namespace) -> float:
+    """Estimated FLOPs of one PPO step, the same for every trainer: ``T`` = batch x (mean prompt +
+    response tokens); inference 2 x params x T for the rollout, the old and the reference policy's
+    log-probs, the reward and the values; training 6 x params x T per PPO epoch for policy and critic."""
+    from compute import forward_flops, n_params, train_flops
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(policy)
+    prompt = statistics.fmean(len(tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                              add_generation_prompt=True),
+                                      add_special_tokens=False)["input_ids"]) for p in PROMPTS)
+    tokens = round(a.batch_size * (prompt + a.response_length))
+    pp, pr = n_params(policy), n_params(reward)
+    return forward_flops(3 * pp + 2 * pr, tokens) + a.ppo_epochs * train_flops(pp + pr, tokens)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=6)
@@ -250,6 +267,11 @@ def main() -> None:
         print(f"| {name} | {sec:.3f} | {sec / base:.2f}x |")
     if trl_note:
         print(f"\nTRL: {trl_note}")
+    from compute import matmul_peak, print_share
+
+    flops, peak = step_flops(policy, reward, a), matmul_peak()
+    for name, sec in results.items():
+        print_share(f"compute per step ({name})", flops, sec, peak)
     trl_keys = [k for k in results if k.startswith("TRL")]
     if trl_keys:
         print(f"\nours is {results[trl_keys[0]] / base:.2f}x faster per step than {trl_keys[0]} (TRL s/step / ours)")

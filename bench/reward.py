@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # compute.py
 DEFAULT_PAIRS = REPO.parent / "shared" / "data" / "pandalm_test.jsonl"
 
 
@@ -134,6 +135,18 @@ def main() -> None:
                   f"({r['steps']} steps; {time.time() - t:.1f}s with setup)", flush=True)
         ratio = results["cai"]["pairs_per_second"] / results["trl"]["pairs_per_second"]
         print(f"ratio cai / trl: {ratio:.2f}x")
+        # Share of the compute peak: 6 x parameters x the (unpadded) tokens of both responses of every
+        # pair trained; pairs are drawn in turn, so a trained pair has the mean pair's tokens.
+        from compute import matmul_peak, n_params, print_share, train_flops
+
+        from cai.rm import encode
+
+        tok = load_tokenizer(model_path)
+        per_pair = [sum(len(x) for x in encode(tok, [p.messages] * 2, [p.chosen, p.rejected],
+                                               max_length=args.max_length)[0]) for p in pairs]
+        mean_tokens, params, peak = sum(per_pair) / len(per_pair), n_params(model_path), matmul_peak()
+        for name, r in results.items():
+            print_share(f"compute ({name})", train_flops(params, round(r["pairs"] * mean_tokens)), r["seconds"], peak)
 
 
 if __name__ == "__main__":
