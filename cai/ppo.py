@@ -41,6 +41,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -63,6 +64,7 @@ from cai.store import Store, content_hash, now
 from cai.training import sigterm_as_interrupt
 
 Conversation = list[dict[str, str]]
+log = logging.getLogger(__name__)
 
 
 # =============================================================================================
@@ -102,6 +104,16 @@ class PPOConfig(BaseModel):
     max_new_tokens: int = Field(48, ge=1, description="Response length limit.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (log-probs are taken at it too).")
     rollout_engine: Literal["transformers", "vllm"] = "transformers"
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description=(
+        "rollout_engine vllm: share of the GPU's memory vLLM may claim (weights + KV cache); the rest is "
+        "left to the policy, reference, critic and optimizer that train beside it."))
+    vllm_sleep_mode: bool = Field(False, description=(
+        "rollout_engine vllm: put the engine to sleep (vLLM sleep mode) after each rollout and wake it "
+        "before the next, so training gets the GPU memory back. Needs CUDA; elsewhere it is skipped with "
+        "a logged note."))
+    vllm_sleep_level: Literal[1, 2] = Field(1, description=(
+        "1: offload the weights to CPU memory and drop the KV cache; 2: drop the weights too (they are "
+        "reloaded from the live policy before every rollout anyway)."))
     generation_batch_size: int | None = Field(None, ge=1, description="Prompts per generate call (default all).")
     forward_batch_size: int = Field(16, ge=1, description="Rows per no-grad forward pass in the experience phase.")
 
@@ -162,7 +174,8 @@ class PPOConfig(BaseModel):
     # Fields that change how often things are logged or saved, or how fast it runs, not the weights.
     NOT_TRAINING: ClassVar[frozenset[str]] = frozenset({
         "steps", "eval_every", "eval_prompts", "eval_split", "eval_samples_per_prompt", "save_every", "sample_every",
-        "num_samples", "resume", "output_dir", "device", "forward_batch_size", "generation_batch_size", "rollout_engine", "threads"})
+        "num_samples", "resume", "output_dir", "device", "forward_batch_size", "generation_batch_size", "rollout_engine", "threads",
+        "vllm_gpu_memory_utilization", "vllm_sleep_mode", "vllm_sleep_level"})
 
     def training_key(self, ids: dict[str, str]) -> str:
         """Identifies a training trajectory (constant LR: the first N steps don't depend on ``steps``)."""
@@ -570,12 +583,39 @@ class HFSampler:
     def update_weights(self) -> None:
         """Nothing to do: generation uses the live policy."""
 
+    def sleep(self) -> None:
+        """Nothing to free: the policy is the generator."""
+
+    def wake_up(self) -> None:
+        """Nothing to restore."""
+
     @torch.no_grad()
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int) -> torch.Tensor:
         torch.manual_seed(seed)
         out = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                    generation_config=self.generation_config)
         return out[:, prompt_ids.shape[1]:]
+
+
+def vllm_rollout_kwargs(cfg: PPOConfig, device: torch.device) -> tuple[dict[str, Any], str | None]:
+    """The rollout engine's memory settings from the config: (``vllm.LLM`` keyword arguments, a note
+    when sleep mode was asked for but this platform can't do it). vLLM's sleep mode needs its CUDA
+    memory allocator, so it is only turned on for a CUDA device whose platform reports it available."""
+    kwargs: dict[str, Any] = {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization}
+    if not cfg.vllm_sleep_mode:
+        return kwargs, None
+    if device.type != "cuda":
+        return kwargs, (f"vllm_sleep_mode skipped: vLLM sleep mode needs a CUDA GPU, the rollouts run on "
+                        f"{device.type}; the engine stays awake during training")
+    try:
+        from vllm.platforms import current_platform
+
+        available = current_platform.is_sleep_mode_available()
+    except (ImportError, AttributeError) as e:  # an older or unusual vLLM build: don't guess
+        return kwargs, f"vllm_sleep_mode skipped: can't tell whether this vLLM supports it ({e})"
+    if not available:
+        return kwargs, "vllm_sleep_mode skipped: this vLLM platform has no sleep mode; the engine stays awake"
+    return kwargs | {"enable_sleep_mode": True}, None
 
 
 class VLLMSampler:
@@ -592,14 +632,30 @@ class VLLMSampler:
 
         self.policy, self.pad_id, self.cfg = policy, pad_id, cfg
         device = next(policy.parameters()).device
+        memory, note = vllm_rollout_kwargs(cfg, device)
+        if note:
+            log.warning(note)
+        self.sleep_mode, self.asleep, self.sleep_note = bool(memory.get("enable_sleep_mode")), False, note
         self.llm = LLM(model=path, seed=cfg.seed, dtype="bfloat16" if cfg.dtype == "bfloat16" else "float32",
                        max_model_len=max_model_len, enforce_eager=device.type == "cpu",
-                       gpu_memory_utilization=0.3, enable_prefix_caching=False)
+                       enable_prefix_caching=False, **memory)
         self._params = lambda seed: SamplingParams(
             temperature=cfg.temperature, top_p=1.0, top_k=-1, max_tokens=cfg.max_new_tokens, seed=seed,
             stop_token_ids=eos_ids, skip_special_tokens=False, detokenize=False)
 
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for training (sleep mode only; a no-op otherwise)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=self.cfg.vllm_sleep_level)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
     def update_weights(self) -> None:
+        self.wake_up()  # weights can only be loaded into an awake engine
         # vLLM's in-place reload (the worker re-runs its checkpoint-format loaders and post-processing);
         # in-process, the tensors are passed by reference.
         weights = [(k, v.detach()) for k, v in self.policy.state_dict().items()]
@@ -722,6 +778,7 @@ class PPOTrainer:
     def rollout(self, conversations: Sequence[Conversation], seed: int) -> tuple[Batch, torch.Tensor, list[str]]:
         """Sample one response per prompt. Returns (batch, has_eos, response texts)."""
         chunk = self.cfg.generation_batch_size or len(conversations)
+        self.sampler.wake_up()  # (held-out evaluation rollouts come here between steps too)
         pieces = []
         for i in range(0, len(conversations), chunk):
             ids, mask = self.encode_prompts(conversations[i:i + chunk])
@@ -785,6 +842,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         self.sampler.update_weights()
         batch, has_eos, texts = self.rollout(conversations, seed)
+        self.sampler.sleep()  # vLLM sleep mode: scoring and training get its GPU memory until the next rollout
         t_gen = time.perf_counter() - t0
 
         t1 = time.perf_counter()

@@ -378,3 +378,47 @@ def test_d_rlaif_judge_reward_in_a_short_ppo_run(prompt_store, tiny_policy_dir, 
                                                         [r["response"] for r in rows[:3]])
     assert again == pytest.approx([r["reward"] for r in rows[:3]], abs=1e-4)
     assert all(-1 <= d <= 1 for d in direct)
+
+
+def test_vllm_rollout_memory_fraction_and_sleep_mode_from_the_config(caplog):
+    """The rollout engine's GPU memory share and sleep mode come from the config; sleep mode is only
+    turned on where vLLM can do it (CUDA), elsewhere it is skipped with a note; none of it changes the
+    training trajectory's key. Sleeping happens after a rollout, waking before the next one."""
+    from pydantic import ValidationError
+
+    from cai.ppo import PPOConfig, VLLMSampler, vllm_rollout_kwargs
+
+    cfg = PPOConfig(rollout_engine="vllm", vllm_gpu_memory_utilization=0.55, vllm_sleep_mode=True)
+    kwargs, note = vllm_rollout_kwargs(cfg, torch.device("cpu"))
+    assert kwargs == {"gpu_memory_utilization": 0.55} and "needs a CUDA GPU" in note
+    assert vllm_rollout_kwargs(PPOConfig(), torch.device("cpu")) == ({"gpu_memory_utilization": 0.3}, None)
+    for bad in ({"vllm_gpu_memory_utilization": 0}, {"vllm_gpu_memory_utilization": 1.5}, {"vllm_sleep_level": 3}):
+        with pytest.raises(ValidationError):
+            PPOConfig(**bad)
+    ids = {"policy": "p", "reward": "r"}
+    assert cfg.training_key(ids) == PPOConfig(rollout_engine="vllm").training_key(ids)
+
+    # The guarded calls, on an engine stand-in (vLLM's sleep mode can't run without a GPU).
+    calls: list[tuple] = []
+
+    class Engine:
+        def sleep(self, level):
+            calls.append(("sleep", level))
+
+        def wake_up(self):
+            calls.append(("wake_up",))
+
+        def collective_rpc(self, name, kwargs):
+            calls.append((name,))
+
+    sampler = object.__new__(VLLMSampler)
+    sampler.llm, sampler.cfg, sampler.policy = Engine(), cfg.model_copy(update={"vllm_sleep_level": 2}), torch.nn.Linear(1, 1)
+    sampler.sleep_mode, sampler.asleep = True, False
+    sampler.sleep()
+    sampler.sleep()  # already asleep: once
+    sampler.update_weights()  # wakes first: weights load into an awake engine
+    sampler.wake_up()  # already awake: nothing
+    assert calls == [("sleep", 2), ("wake_up",), ("reload_weights",)]
+    sampler.sleep_mode, calls[:] = False, []  # not supported here: sleeping is a no-op
+    sampler.sleep()
+    assert calls == [] and not sampler.asleep
