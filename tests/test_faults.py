@@ -7,15 +7,20 @@ have no fault test yet."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from cai.critique import CritiqueConfig, run_critique
 from cai.generate import GenerateConfig, run_generate
 from cai.ingest import ingest_file
+from cai.label import LabelConfig, run_label
 from cai.store import Store
 
 CAI = str(Path(sys.executable).parent / "cai")
@@ -59,3 +64,126 @@ def test_generate_killed_midway_resumes_to_the_uninterrupted_result(
     statuses = [r["status"] for r in store.query(
         "SELECT status FROM runs WHERE stage = 'generate' ORDER BY started_at")]
     assert statuses == [killed_status, "ok"]
+
+
+# ---- critique, label, ingest ----------------------------------------------------------------------
+# One shared base store (prompts + two samples per prompt), copied per test; one uninterrupted
+# reference run per stage on a copy. Small batches so each stage writes several, and the kill point
+# is drawn by a seeded random among them. The trainers' kill-and-resume is covered where they live:
+# tests/test_sft.py::test_resumed_training_matches_an_uninterrupted_run,
+# tests/test_reward.py::test_resume_gives_bit_identical_weights and
+# tests/test_pipeline.py::test_cai_run_killed_with_sigkill_resumes_without_duplicates (a real SIGKILL).
+
+GEN = {"n": 2, "max_tokens": 4, "batch_size": 3, "limit": 3, "seed": 0}
+CRITIQUE_ARGS = ["--rounds", "1", "--critique-max-tokens", "4", "--revision-max-tokens", "4", "--max-growth", "1000",
+                 "--batch-size", "2", "--temperature", "1.0"]
+LABEL_ARGS = ["--pairs", "two_samples,initial_vs_revised", "--batch-size", "2"]
+# Columns that say when and by which run a row was written, not what it is.
+WHEN = ("run_id", "created_at")
+
+
+def _rows(store: Store, table: str, key: str) -> dict[str, dict]:
+    cols = [r["column_name"] for r in store.query(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+        [table]) if r["column_name"] not in WHEN]
+    rows = store.query(f"SELECT {', '.join(cols)} FROM {table}")
+    assert len(rows) == len({r[key] for r in rows}), f"duplicate {key} in {table}"
+    return {r[key]: {c: round(v, 6) if isinstance(v, float) else v for c, v in r.items()} for r in rows}
+
+
+def _copy(src: Path, dst_dir: Path) -> Path:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst_dir / src.name)
+    return dst_dir / src.name
+
+
+def _judge(folder: Path, model: Path) -> Path:
+    """The shipped multiple-choice judge on a tiny model (improbable-options check off: a random model
+    puts ~2e-5 on each option)."""
+    text = (REPO / "judges" / "multiple-choice.yaml").read_text()
+    text = text.replace("model: smollm2-135m-instruct", f"model: {model}").replace("min_option_prob: 0.01",
+                                                                                    "min_option_prob: 0")
+    (folder / "judge.yaml").write_text(text)
+    return folder / "judge.yaml"
+
+
+def _cai(args: list[str], db: Path, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CAI_DB": str(db), "PYTHONPATH": str(REPO)}
+    env.pop("CAI_FAULT", None)
+    if fault:
+        env["CAI_FAULT"] = fault
+    return subprocess.run([CAI, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _kill_point(batches: int) -> int:
+    """Which committed batch the kill follows: seeded, never the last (the run must have work left)."""
+    return random.Random(15).randint(1, batches - 1)
+
+
+def _statuses(store: Store, stage: str) -> list[str]:
+    return [r["status"] for r in store.query(f"SELECT status FROM runs WHERE stage = '{stage}' ORDER BY started_at")]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, tiny_policy_dir, demo_prompt_files) -> dict[str, Path]:
+    """Store files after each stage, each made once by an uninterrupted run: ``generated`` (the base the
+    fault tests start from), ``critiqued`` and ``labelled`` (the references)."""
+    root = tmp_path_factory.mktemp("stages")
+    store = Store(root / "generated" / "cai.duckdb")
+    ingest_file(store, demo_prompt_files[0])
+    run_generate(store, GenerateConfig(model=str(tiny_policy_dir), **GEN), progress=False)
+    assert store.scalar("SELECT count(*) FROM generations") == 6
+    out = {"generated": store.path, "judge": _judge(root, tiny_policy_dir)}
+    crit = _copy(store.path, root / "critiqued")
+    # In-process (the same options as CRITIQUE_ARGS / LABEL_ARGS): saves a process start per reference.
+    run_critique(Store(crit), CritiqueConfig(model=str(tiny_policy_dir), rounds=1, critique_max_tokens=4,
+                                             revision_max_tokens=4, max_growth=1000, batch_size=2,
+                                             temperature=1.0), progress=False)
+    assert Store(crit).scalar("SELECT count(*) FROM revisions") == 6
+    lab = _copy(crit, root / "labelled")
+    run_label(Store(lab), LabelConfig(judge=str(out["judge"]), pairs=["two_samples", "initial_vs_revised"],
+                                      batch_size=2), progress=False)
+    assert Store(lab).scalar("SELECT count(*) FROM comparisons") >= 3
+    return {**out, "critiqued": crit, "labelled": lab}
+
+
+def test_critique_killed_at_a_random_batch_resumes_to_the_uninterrupted_result(tmp_path, tiny_policy_dir, stages):
+    db = _copy(stages["generated"], tmp_path)
+    args = ["critique", "--model", str(tiny_policy_dir), *CRITIQUE_ARGS]
+    k = _kill_point(3)  # 6 generations, 2 per batch
+    killed = _cai(args, db, fault=f"revisions:{k}")
+    assert killed.returncode != 0, killed.stdout
+    store = Store(db)
+    assert store.scalar("SELECT count(*) FROM revisions") == 2 * k
+    again = _cai(args, db)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _rows(store, "revisions", "revision_id") == _rows(Store(stages["critiqued"]), "revisions", "revision_id")
+    assert _statuses(store, "critique") == ["stale", "ok"]
+
+
+def test_label_killed_at_a_random_batch_resumes_to_the_uninterrupted_result(tmp_path, stages):
+    db = _copy(stages["critiqued"], tmp_path)
+    ref = _rows(Store(stages["labelled"]), "comparisons", "comparison_id")
+    args = ["label", "--judge", str(stages["judge"]), *LABEL_ARGS]
+    k = _kill_point((len(ref) + 1) // 2)
+    killed = _cai(args, db, fault=f"comparisons:{k}:SIGTERM")
+    assert killed.returncode != 0, killed.stdout
+    store = Store(db)
+    assert store.scalar("SELECT count(*) FROM comparisons") == 2 * k
+    again = _cai(args, db)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _rows(store, "comparisons", "comparison_id") == ref
+    assert _statuses(store, "label") == ["interrupted", "ok"]
+
+
+def test_ingest_killed_after_its_write_is_marked_and_a_rerun_adds_nothing(tmp_path, demo_prompt_files, stages):
+    # ingest writes a file's prompts in one batch: the kill lands after the commit, before the run closes.
+    db = tmp_path / "cai.duckdb"
+    killed = _cai(["ingest", str(demo_prompt_files[0])], db, fault="prompts:1")
+    assert killed.returncode != 0, killed.stdout
+    again = _cai(["ingest", str(demo_prompt_files[0])], db)
+    assert again.returncode == 0, again.stderr[-2000:]
+    store = Store(db)
+    assert _rows(store, "prompts", "prompt_id") == _rows(Store(stages["generated"]), "prompts", "prompt_id")
+    assert _statuses(store, "ingest") == ["stale", "ok"]
+    assert json.loads(store.query("SELECT summary FROM runs WHERE status = 'ok'")[0]["summary"])["inserted"] == 0
