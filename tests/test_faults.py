@@ -2,8 +2,11 @@
 compare the store with an uninterrupted run: no duplicates, no lost rows, identical rows, the killed run
 marked (``stale`` after SIGKILL, ``interrupted`` after SIGTERM).
 
-Covered so far: generate (SIGKILL and SIGTERM). The other stages share the run helper and the hook, but
-have no fault test yet."""
+Covered: generate (SIGKILL), critique (SIGKILL), label (SIGTERM), ingest (SIGKILL after its single batch),
+each killed after a batch drawn by a seeded random and compared row by row (less run_id / created_at) with
+one shared uninterrupted run; two `cai run`s on one store at once; a stage writing while `cai sql` holds a
+long read-only query. The trainers' kill-and-resume tests live in test_sft.py, test_reward.py and
+test_pipeline.py (see the note above the critique test)."""
 
 from __future__ import annotations
 
