@@ -87,12 +87,14 @@ CRITIQUE_ARGS = ["--rounds", "1", "--critique-max-tokens", "4", "--revision-max-
 LABEL_ARGS = ["--pairs", "two_samples,initial_vs_revised", "--batch-size", "2"]
 
 
-def CRITIQUE_CFG(model: Path) -> CritiqueConfig:  # noqa: N802 - the in-process twin of CRITIQUE_ARGS
+def _critique_cfg(model: Path) -> CritiqueConfig:
+    """The in-process twin of CRITIQUE_ARGS."""
     return CritiqueConfig(model=str(model), rounds=1, critique_max_tokens=4, revision_max_tokens=4,
                           max_growth=1000, batch_size=2, temperature=1.0)
 
 
-def LABEL_CFG(judge: Path) -> LabelConfig:  # noqa: N802 - the in-process twin of LABEL_ARGS
+def _label_cfg(judge: Path) -> LabelConfig:
+    """The in-process twin of LABEL_ARGS."""
     return LabelConfig(judge=str(judge), pairs=["two_samples", "initial_vs_revised"], batch_size=2)
 
 
@@ -154,10 +156,10 @@ def stages(tmp_path_factory, tiny_policy_dir, demo_prompt_files) -> dict[str, Pa
     out = {"generated": store.path, "judge": _judge(root, tiny_policy_dir)}
     crit = _copy(store.path, root / "critiqued")
     # References in-process (the options of CRITIQUE_ARGS / LABEL_ARGS): saves a process start each.
-    run_critique(Store(crit), CRITIQUE_CFG(tiny_policy_dir), progress=False)
+    run_critique(Store(crit), _critique_cfg(tiny_policy_dir), progress=False)
     assert Store(crit).scalar("SELECT count(*) FROM revisions") == 6
     lab = _copy(crit, root / "labelled")
-    run_label(Store(lab), LABEL_CFG(out["judge"]), progress=False)
+    run_label(Store(lab), _label_cfg(out["judge"]), progress=False)
     assert Store(lab).scalar("SELECT count(*) FROM comparisons") >= 3
     return {**out, "critiqued": crit, "labelled": lab}
 
@@ -170,7 +172,7 @@ def test_critique_killed_at_a_random_batch_resumes_to_the_uninterrupted_result(t
     assert killed.returncode != 0, killed.stdout
     store = Store(db)
     assert store.scalar("SELECT count(*) FROM revisions") == 2 * k
-    run_critique(store, CRITIQUE_CFG(tiny_policy_dir), progress=False)  # the re-run, in-process
+    run_critique(store, _critique_cfg(tiny_policy_dir), progress=False)  # the re-run, in-process
     assert _rows(store, "revisions", "revision_id") == _rows(Store(stages["critiqued"]), "revisions", "revision_id")
     assert _statuses(store, "critique") == ["stale", "ok"]
 
@@ -184,7 +186,7 @@ def test_label_killed_at_a_random_batch_resumes_to_the_uninterrupted_result(tmp_
     assert killed.returncode != 0, killed.stdout
     store = Store(db)
     assert store.scalar("SELECT count(*) FROM comparisons") == 2 * k
-    run_label(store, LABEL_CFG(stages["judge"]), progress=False)  # the re-run, in-process
+    run_label(store, _label_cfg(stages["judge"]), progress=False)  # the re-run, in-process
     assert _rows(store, "comparisons", "comparison_id") == ref
     assert _statuses(store, "label") == ["interrupted", "ok"]
 
