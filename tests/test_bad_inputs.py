@@ -30,6 +30,18 @@ TABLE = [
     ("constitution-lint-directory", ["constitution", "lint", "{repo}/constitutions"], "is a directory", False),
     ("run-unknown-stage", ["run", "{repo}/flows/demo.yaml", "--stages", "generate,nope", "--check"],
      "'nope' is not among", False),
+    ("ppo-target-kl-negative", ["ppo", "--db", "{db}", "--reward", "python:cai.ppo:reward_brevity",
+                                "--target-kl", "-1"], "target_kl: Input should be greater than 0", False),
+    ("ppo-python-reward-missing-module", ["ppo", "--db", "{db}", "--reward", "python:missing_mod_xyz:fn"],
+     "cannot import module 'missing_mod_xyz'", True),
+    ("ppo-python-reward-missing-function", ["ppo", "--db", "{db}", "--reward", "python:cai.ppo:no_such_fn"],
+     "has no function 'no_such_fn'", True),
+    ("ppo-python-reward-missing-file", ["ppo", "--db", "{db}", "--reward", "python:{db}.nope.py:fn"],
+     "no such file", True),
+    ("ppo-hub-id-offline", ["ppo", "--db", "{db}", "--policy", "nobody-xyz/no-such-model", "--reward",
+                            "python:cai.ppo:reward_brevity"], "cai models pull", True),
+    ("generate-hub-id-offline", ["generate", "--db", "{db}", "--model", "nobody-xyz/no-such-model", "--limit", "1"],
+     "not in the local Hugging Face cache", True),
     ("db-info-missing-db", ["db", "info", "--db", "{db}"], "does not exist yet", False),
     ("sql-missing-db", ["sql", "select 1", "--db", "{db}"], "does not exist yet", False),
     ("runs-missing-db", ["runs", "--db", "{db}"], "does not exist yet", False),
@@ -50,7 +62,12 @@ def _counts(db: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize(("argv", "message", "needs_db"), [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
-def test_bad_input_is_one_clear_line(tmp_path, ingested, argv, message, needs_db):
+def test_bad_input_is_one_clear_line(tmp_path, ingested, monkeypatch, argv, message, needs_db):
+    from cai.models import _hub_reachable
+
+    # Hub ids must fail the same way on a machine with network: pretend to be offline.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hub_reachable.cache_clear()
     db = tmp_path / "cai.duckdb"
     if needs_db:
         db.write_bytes(ingested.read_bytes())
