@@ -379,7 +379,8 @@ def _store_model_ids(db: Path) -> set[str]:
     from cai.store import Store
 
     try:
-        return {r["model_id"] for r in Store(db).query("SELECT model_id FROM models")}
+        # a short wait: a stage writing the store right now must not hold up a check
+        return {r["model_id"] for r in Store(db, lock_timeout=2.0).query("SELECT model_id FROM models")}
     except Exception:  # noqa: BLE001 - a locked or old store: the run itself will say
         return set()
 
