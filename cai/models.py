@@ -13,6 +13,7 @@ The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyP
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -84,11 +85,47 @@ def resolve(name_or_path: str | os.PathLike) -> str:
             return str(p.resolve())
         raise ModelNotFoundError(f"{s!r} exists but is not a Hugging Face model folder (no config.json)")
     if s.count("/") == 1 and not s.startswith((".", "/", "~")):
-        return s  # a hub id; loading will fail clearly where there is no network
+        if _hub_cached(s) or _hub_reachable():
+            return s  # a hub id transformers/vLLM can load (from the local HF cache or by download)
+        raise ModelNotFoundError(
+            f"model {s!r} looks like a Hugging Face hub id, but it is not in the local Hugging Face cache and "
+            "the hub cannot be reached from here; use a built-in model (`cai models pull NAME`, see "
+            "`cai models list`) or a local model folder (download it elsewhere with "
+            f"`huggingface-cli download {s} --local-dir DIR` and pass DIR)")
     raise ModelNotFoundError(
         f"unknown model {s!r}: use a built-in name ({', '.join(BUILTIN)}), a local Hugging Face folder, "
         "or a hub id such as 'org/name'. `cai models list` shows what is available."
     )
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether a hub model's config is already in the local Hugging Face cache (no network needed)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed id or an old huggingface_hub: not cached
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub can be downloaded from: not in offline mode and huggingface.co answers a TCP
+    connect. Asked once per process, so an offline machine fails fast with one clear line instead of
+    a retrying download and a hub traceback."""
+    truthy = {"1", "true", "yes", "on"}
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy or \
+            os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in truthy:
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _find_gguf(spec: BuiltinModel) -> Path:

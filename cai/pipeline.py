@@ -145,6 +145,27 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
 
 
 # ---- running stages ---------------------------------------------------------------------------
+# Errors a retry cannot fix: a bad setting, a missing file or model, a module that is not there.
+# Prefect retries a stage only for the others (a locked store, a dropped connection, a crashed engine).
+CONFIG_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,  # includes pydantic's ValidationError and SpecError
+    TypeError, LookupError,  # includes ModelNotFoundError and KeyError
+    FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ImportError, NotImplementedError)
+
+
+class StageFailed(RuntimeError):
+    """A stage of a pipeline run failed: names the stage and the cause in one line."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        self.stage, self.cause = stage, cause
+        text = str(cause).strip().splitlines()
+        super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {text[0] if text else repr(cause)}")
+
+    @property
+    def retryable(self) -> bool:
+        return not isinstance(self.cause, CONFIG_ERRORS)
+
+
 def newest_model_of_stage(store: Any, stage: str) -> str | None:
     """The newest model a stage (``sft``, ``train_rm``, ``ppo``, ``dpo``) registered in the store."""
     kind = "reward" if stage == "train_rm" else "policy"
@@ -270,3 +291,105 @@ def run_stage(stage: str, cfg: PipelineConfig, store: Any, produced: dict[str, s
         produced[stage] = summary["model_id"]
     summary.setdefault("seconds", round(time.time() - started, 2))
     return summary
+
+
+# ---- `cai run --check`: everything a run needs, before it starts ----------------------------------
+def check_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> list[str]:
+    """Problems that would stop the run partway, found without loading a model or writing anything:
+    constitution and judge specs valid, models present (or a store id), engines importable, and the
+    store, model and report folders writable. An empty list: the run can start."""
+    import importlib.util
+
+    from cai.constitution import load_constitution, resolve_constitution
+    from cai.judge_spec import load_judge_spec, resolve_judge_spec
+    from cai.models import resolve
+    from cai.store import default_db_path
+
+    todo = [s for s in cfg.ordered_stages() if stages is None or s in stages]
+    problems: list[str] = []
+    db = Path(cfg.db) if cfg.db else default_db_path()
+    store_ids = _store_model_ids(db)
+
+    def check_model(stage: str, field: str, name: str | None) -> None:
+        if not name or name in store_ids or name.startswith(("judge:", "python:")):
+            return
+        if field in resolve_handoffs_fields(stage, cfg):
+            return  # an earlier stage of this run makes it
+        try:
+            resolve(name)
+        except Exception as e:  # noqa: BLE001 - ModelNotFoundError and friends: report, keep checking
+            problems.append(f"{stage}.{field}: {e}")
+
+    def check_spec(stage: str, kind: str, name: str) -> None:
+        try:
+            if kind == "constitution":
+                load_constitution(resolve_constitution(name))
+            else:
+                load_judge_spec(resolve_judge_spec(name))
+        except Exception as e:  # noqa: BLE001 - SpecError lists file:line problems
+            problems.append(f"{stage}.{kind}: {e}")
+
+    engines: set[str] = set()
+    for stage in todo:
+        if stage == "ingest":
+            continue
+        section = getattr(cfg, stage)
+        for field in ("model", "base_model", "policy", "ref", "value_model", "reward", "baseline",
+                      "reward_model", "judge_model"):
+            check_model(stage, field, getattr(section, field, None))
+        if hasattr(section, "constitution"):
+            check_spec(stage, "constitution", section.constitution)
+        if hasattr(section, "judge"):
+            check_spec(stage, "judge", section.judge)
+            if problems and problems[-1].startswith(f"{stage}.judge:"):
+                continue
+            spec = load_judge_spec(resolve_judge_spec(section.judge))
+            if not (getattr(section, "model", None) or getattr(section, "judge_model", None)):
+                check_model(stage, "judge model", spec.model)
+            engines.add(getattr(section, "engine", None) or getattr(section, "judge_engine", None) or spec.engine)
+        for field in ("engine", "rollout_engine", "judge_engine"):
+            if getattr(section, field, None):
+                engines.add(getattr(section, field))
+    for engine in sorted(e for e in engines if e):
+        module = {"vllm": "vllm", "transformers": "transformers", "openai": "httpx"}.get(engine)
+        if module and importlib.util.find_spec(module) is None:
+            problems.append(f"engine {engine!r} is not importable here (no module {module!r}); install it or "
+                            "choose another engine")
+    writable = {"the store folder": db.parent}
+    if TRAINING_STAGES & set(todo):
+        writable["the models folder"] = db.parent / "models"
+    if "evaluate" in todo:
+        writable["the report folder"] = Path(cfg.evaluate.report_dir) if cfg.evaluate.report_dir \
+            else db.parent / "reports"
+    for what, folder in writable.items():
+        if not _can_create(folder):
+            problems.append(f"{what} {folder} is not writable (or cannot be created)")
+    return problems
+
+
+def resolve_handoffs_fields(stage: str, cfg: PipelineConfig) -> set[str]:
+    """Fields of ``stage`` that an earlier stage in the run file fills with the model it trains."""
+    return {field for field, sources in _HANDOFF.get(stage, {}).items()
+            if field not in cfg.explicit.get(stage, []) and any(s in cfg.stages for s in sources)}
+
+
+def _store_model_ids(db: Path) -> set[str]:
+    if not db.exists():
+        return set()
+    from cai.store import Store
+
+    try:
+        # a short wait: a stage writing the store right now must not hold up a check
+        return {r["model_id"] for r in Store(db, lock_timeout=2.0).query("SELECT model_id FROM models")}
+    except Exception:  # noqa: BLE001 - a locked or old store: the run itself will say
+        return set()
+
+
+def _can_create(folder: Path) -> bool:
+    """Whether ``folder`` exists and is writable, or its nearest existing parent is (without creating it)."""
+    import os
+
+    p = folder.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)

@@ -55,7 +55,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from cai import runs
@@ -160,6 +160,12 @@ class PPOConfig(BaseModel):
     num_samples: int = Field(4, ge=0, description="Sample responses stored each time.")
     resume: bool = Field(True, description="Continue from the latest checkpoint of the same run setup.")
     output_dir: str | None = Field(None, description="Where models go (default: models/ beside the DuckDB file).")
+
+    @field_validator("target_kl", mode="before")
+    @classmethod
+    def _zero_kl_target_is_fixed_beta(cls, v: Any) -> Any:
+        # `--target-kl 0` (and `target_kl: 0` in a file) means "keep beta fixed", i.e. no adaptive target.
+        return None if v == 0 and not isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _check(self) -> PPOConfig:
@@ -463,14 +469,23 @@ def load_reward(store: Store, spec: str, device: torch.device, autocast: Callabl
         if not module_name or not fn_name:
             raise ValueError(f"reward {spec!r}: use python:module:function or python:path/file.py:function")
         if module_name.endswith(".py"):
+            if not Path(module_name).is_file():
+                raise ValueError(f"reward {spec!r}: no such file {module_name}")
             mspec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
             if mspec is None or mspec.loader is None:
                 raise ValueError(f"reward {spec!r}: cannot load {module_name}")
             module = importlib.util.module_from_spec(mspec)
             mspec.loader.exec_module(module)
         else:
-            module = importlib.import_module(module_name)
-        return FunctionReward(getattr(module, fn_name), name=spec), spec, None
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as e:  # one line for the user, not an import traceback
+                raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({e}); check the "
+                                 "spelling and that it is on PYTHONPATH, or use python:path/file.py:function") from e
+        fn = getattr(module, fn_name, None)
+        if not callable(fn):
+            raise ValueError(f"reward {spec!r}: module {module_name!r} has no function {fn_name!r}")
+        return FunctionReward(fn, name=spec), spec, None
     if spec.startswith("judge:"):
         from cai.judge import load_judge
 

@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from cai.pipeline import TRAINING_STAGES, PipelineConfig, load_pipeline, run_stage
+from cai.pipeline import TRAINING_STAGES, PipelineConfig, StageFailed, load_pipeline, run_stage
 from cai.store import Store
 
 # What counts as "rows written" in each stage's summary, for the artifact's headline.
@@ -97,13 +97,24 @@ def publish(stage: str, summary: dict[str, Any], seconds: float, store: Store) -
         logger.warning("could not publish artifacts for %s: %s", stage, e)
 
 
-@task(name="cai-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
+def retry_unless_config_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry_condition_fn: a configuration error (bad setting, missing file or model) fails
+    at once instead of three times; transient failures (a locked store, a crashed engine) are retried."""
+    exc = state.data
+    return not (isinstance(exc, StageFailed) and not exc.retryable)
+
+
+@task(name="cai-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_config_error)
 def stage_task(stage: str, cfg: PipelineConfig, produced: dict[str, str] | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     store = Store(cfg.db) if cfg.db else Store()
     started = time.time()
     produced = dict(produced or {})
-    summary = run_stage(stage, cfg, store, produced, progress=sys.stderr.isatty())
+    try:
+        summary = run_stage(stage, cfg, store, produced, progress=sys.stderr.isatty())
+    except Exception as e:
+        raise StageFailed(stage, e) from e
     seconds = time.time() - started
     logger.info("%s: %s", stage, json.dumps(summary, default=str))
     publish(stage, summary, seconds, store)
@@ -196,7 +207,12 @@ def run_stages(cfg: PipelineConfig, stages: list[str]) -> dict[str, Any]:
     produced: dict[str, str] = {}
     for stage in stages:
         if cfg.runner.kind == "ray" and stage in SHARDABLE:
-            results[stage] = ray_stage(stage, cfg, produced)
+            try:
+                results[stage] = ray_stage(stage, cfg, produced)
+            except StageFailed:
+                raise
+            except Exception as e:
+                raise StageFailed(stage, e) from e
             continue
         summary = stage_task(stage, cfg, produced)
         results[stage] = summary

@@ -88,6 +88,47 @@ def test_pipeline_flow_runs_in_ephemeral_mode_with_artifacts(tmp_path, tiny_poli
     assert "# generate" in md and "| generated |" in md
 
 
+def test_failing_stage_is_one_line_and_a_config_error_is_not_retried(tmp_path, tiny_policy_dir):
+    # A reward module that does not exist: a configuration error, found when the ppo stage starts.
+    run_file = write_run_file(tmp_path, tiny_policy_dir, stages=("ppo",),
+                              ppo={"reward": "python:no_such_module_xyz:fn", "steps": 1, "batch_size": 2,
+                                   "minibatch_size": 2, "samples_per_prompt": 1})
+    home = tmp_path / "prefect"
+    out = subprocess.run([BIN / "cai", "run", run_file], env=prefect_env(home), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    assert "stage 'ppo' failed: ValueError:" in errors[0] and "no_such_module_xyz" in errors[0], errors[0]
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
+    # Prefect ran the task once: no retries for an error a retry cannot fix.
+    con = sqlite3.connect(home / "prefect.db")
+    rows = con.execute("select run_count, state_type from task_run where name like 'ppo%'").fetchall()
+    assert rows == [(1, "FAILED")], rows
+    from cai.store import Store
+
+    db = tmp_path / "cai.duckdb"
+    assert not db.exists() or Store(db).scalar("select count(*) from models") == 0  # nothing registered
+
+
+def test_retry_condition_retries_transient_errors_only():
+    from types import SimpleNamespace
+
+    from cai.pipeline import StageFailed
+    from cai.store import StoreLockedError
+    from flows.pipeline import retry_unless_config_error
+
+    def retried(exc: BaseException) -> bool:
+        return retry_unless_config_error(None, None, SimpleNamespace(data=exc))
+
+    assert not retried(StageFailed("label", FileNotFoundError("judges/x.yaml")))
+    assert not retried(StageFailed("ppo", ValueError("reward 'python:x:y': cannot import module 'x'")))
+    assert not retried(StageFailed("generate", LookupError("no prompts")))
+    assert retried(StageFailed("generate", StoreLockedError("the store is locked")))
+    assert retried(StageFailed("generate", ConnectionError("reset by peer")))
+    assert retried(RuntimeError("not a stage error"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -144,15 +144,24 @@ def test_cot_label_stores_reasoning_and_clamps(filled, tiny_policy_dir, tmp_path
                          "clamp: [0.4, 0.6]": "clamp: [0.499, 0.501]"})
     run_label(store, LabelConfig(judge=str(spec), constitution=str(constitution_path), pairs=["two_samples"]),
               progress=False)
-    rows = store.query("SELECT p_a, raw_output, method FROM comparisons")
+    rows = store.query("SELECT p_a, p_a_first, p_a_swapped, raw_output, method FROM comparisons")
     assert len(rows) == 4 and {r["method"] for r in rows} == {"cot"}
+    clamped = 0
     for r in rows:
         raw = json.loads(r["raw_output"])
-        assert 0.499 <= r["p_a"] <= 0.501
         reasoning = raw["principles"][0]["reasoning"]
         assert set(reasoning) == {"first", "swapped"} and all(isinstance(t, str) for t in reasoning.values())
-        if "unclamped_p_a" in raw:
-            assert r["p_a"] in (0.499, 0.501)
+        # The label is the judge's own two-ordering average, clamped to the spec's bounds: recompute it
+        # from the stored per-ordering probabilities (not from the bounds alone).
+        unclamped = (r["p_a_first"] + r["p_a_swapped"]) / 2
+        assert raw["principles"][0]["p"] == pytest.approx(unclamped)
+        assert r["p_a"] == pytest.approx(min(max(unclamped, 0.499), 0.501))
+        outside = not 0.499 <= unclamped <= 0.501
+        assert ("unclamped_p_a" in raw) == outside
+        if outside:
+            assert raw["unclamped_p_a"] == pytest.approx(unclamped)
+        clamped += outside
+    assert clamped >= 1  # the clamp really acted on at least one label (the tiny judge is far from 0.5)
 
 
 def test_preferences_view_tie_rule_and_trl_export(filled, tiny_policy_dir, tmp_path, constitution_path):

@@ -32,7 +32,12 @@ def test_materialised_checkpoint_is_plain_and_chats(smol_path):
 
 def test_resolve_names_paths_and_errors(tmp_path, monkeypatch, tiny_policy_dir):
     assert models.resolve(str(tiny_policy_dir)) == str(tiny_policy_dir.resolve())
-    assert models.resolve("org/name") == "org/name"  # a hub id is passed through
+    # a hub id is passed through where the hub answers, and is one clear error offline when not cached
+    monkeypatch.setattr(models, "_hub_reachable", lambda: True)
+    assert models.resolve("org/name") == "org/name"
+    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    with pytest.raises(models.ModelNotFoundError, match="not in the local Hugging Face cache.*cai models pull"):
+        models.resolve("org/name")
     with pytest.raises(models.ModelNotFoundError, match="not a Hugging Face model folder"):
         models.resolve(str(tmp_path))
     with pytest.raises(models.ModelNotFoundError, match="cai models list"):

@@ -71,6 +71,16 @@ def test_leave_one_out_group_baseline_hand_computed():
         PPOConfig(batch_size=8, minibatch_size=4, samples_per_prompt=3)
 
 
+def test_target_kl_zero_means_fixed_beta_and_negative_is_rejected():
+    # `--target-kl` goes through the config (validated), not assigned after it
+    from pydantic import ValidationError
+
+    assert PPOConfig(target_kl=0).target_kl is None
+    assert PPOConfig(target_kl=0.5).target_kl == 0.5
+    with pytest.raises(ValidationError, match="target_kl"):
+        PPOConfig(target_kl=-1)
+
+
 def test_kl_penalty_on_every_token_and_score_at_the_last_real_token():
     logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -9.0]])
     ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, -3.0]])

@@ -6,11 +6,13 @@ rows in a real run is tested in test_critique.py.
 """
 
 import json
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from cai.ingest import ingest_file
 from cai.sft import IGNORE, SFTConfig, encode_example, load_sl_pairs, run_sft
@@ -132,9 +134,12 @@ def test_sft_lowers_loss_registers_model_and_generates(sl_store, tiny_policy_dir
     losses = [r["value"] for r in sl_store.query(
         "select value from metrics where split = 'train' and name = 'loss' order by step")]
     assert len(losses) == 8
+    # A random tiny model starts near ln(vocab) (a near-uniform next-token distribution) and learns.
+    vocab = AutoConfig.from_pretrained(tiny_policy_dir).vocab_size
+    assert abs(losses[0] - math.log(vocab)) < 1.0, (losses[0], math.log(vocab))
     assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
     val = sl_store.query("select step, value from metrics where split = 'val' and name = 'loss' order by step")
-    assert [v["step"] for v in val] == [4, 8] and all(0 < v["value"] < 20 for v in val)
+    assert [v["step"] for v in val] == [4, 8] and all(0 < v["value"] < losses[0] for v in val), (val, losses)
     curves = sl_store.query("select distinct stage from training_curves where model_id = ?", [summary["model_id"]])
     assert curves == [{"stage": "sft"}]
 
@@ -217,7 +222,11 @@ def test_lora_sft_on_the_embedded_model(sl_store, smol_path, tmp_path):
 
     summary = run_sft(sl_store, SFTConfig(output_dir=str(tmp_path / "smol"), lora=True, max_steps=3, batch_size=2,
                                           val_fraction=0.0), progress=False)
-    assert summary["finished"] and summary["first_loss"] < 10
+    # LoRA starts as the identity (B = 0), so the first loss is the pretrained model's own on these
+    # revisions: far below ln(vocab) ~ 10.8, the loss of a model that knows nothing (random weights).
+    vocab = AutoConfig.from_pretrained(smol_path).vocab_size
+    assert summary["finished"] and 0 < summary["first_loss"] < 0.5 * math.log(vocab), summary
+    assert math.isfinite(summary["last_loss"]) and summary["last_loss"] < 0.5 * math.log(vocab), summary
     engine = make_engine("transformers", summary["path"], progress=False)
     (out,) = engine.chat([[{"role": "user", "content": "How many legs does a spider have?"}]],
                          SamplingParams(temperature=0.0, max_tokens=12))

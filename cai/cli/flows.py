@@ -14,7 +14,7 @@ from cai.cli.common import app, console, fail
 @app.command("run")
 def run(run_file: Annotated[Path, typer.Argument(help="Pipeline run file (YAML), e.g. flows/demo.yaml.")],
         stages: Annotated[str | None, typer.Option(help="Comma-separated subset of the file's stages.")] = None,
-        check: Annotated[bool, typer.Option("--check", help="Only validate the run file.")] = False) -> None:
+        check: Annotated[bool, typer.Option("--check", help="Only validate the run file and what it needs (specs, models, engines, writable folders).")] = False) -> None:
     """Run the pipeline a run file describes, as the Prefect flow `cai_pipeline` (ephemeral mode
     unless PREFECT_API_URL points at a server)."""
     from cai.pipeline import load_pipeline
@@ -30,17 +30,43 @@ def run(run_file: Annotated[Path, typer.Argument(help="Pipeline run file (YAML),
         if unknown or not only:
             fail(f"--stages {stages!r}: {', '.join(map(repr, unknown)) or 'no stage'} is not among "
                  f"{run_file}'s stages ({', '.join(cfg.ordered_stages())})")
+    from cai.pipeline import check_pipeline
+
+    problems = check_pipeline(cfg, only)
+    if problems:
+        fail(f"{run_file}: {len(problems)} problem(s) before any stage starts: " + "; ".join(problems))
     if check:
         console.print(f"{run_file}: ok; stages: {', '.join(o for o in cfg.ordered_stages() if not only or o in only)}")
         return
+    from cai.pipeline import StageFailed
     from flows.pipeline import run_pipeline
 
+    _quiet_stage_tracebacks()
     try:
         result = run_pipeline(run_file, only)
+    except StageFailed as e:
+        fail(f"{e} (`cai runs` shows the run; Prefect's UI or logs have the traceback)")
     except Exception as e:  # noqa: BLE001 - one line for the user; Prefect has logged the details
         fail(f"the pipeline failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
              "(`cai runs` shows which stage and why)")
     console.print_json(json.dumps(result, default=str))
+
+
+def _quiet_stage_tracebacks() -> None:
+    """A failed stage is reported in one line (StageFailed names the stage and the cause): keep its
+    traceback out of the terminal. Prefect's API log handler (the UI) runs first and keeps it."""
+    import logging
+
+    from cai.pipeline import StageFailed
+
+    def drop_traceback(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], StageFailed):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    for handler in logging.getLogger("prefect").handlers + logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and drop_traceback not in handler.filters:
+            handler.addFilter(drop_traceback)
 
 
 @app.command("serve")

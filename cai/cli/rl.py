@@ -60,9 +60,7 @@ def ppo(db: DbOption = None,
         "learning_rate": learning_rate,
         "kl_coef": kl_coef, "missing_eos_penalty": missing_eos_penalty, "limit": limit,
         "rollout_engine": engine, "device": device, "dtype": dtype, "threads": threads, "seed": seed,
-        "resume": resume}, sets, config)
-    if target_kl is not None:
-        cfg.target_kl = target_kl or None
+        "target_kl": target_kl, "resume": resume}, sets, config)
     try:
         summary = run_ppo(_store(db), cfg)
     except PPOError as e:
