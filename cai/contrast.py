@@ -52,6 +52,9 @@ class ContrastConfig(BaseModel):
     max_tokens: int = Field(128, ge=1)
     category: str | None = Field(None, description="Only prompts of this category.")
     limit: int | None = Field(None, ge=1, description="At most this many prompts.")
+    pairs_per_prompt: int = Field(1, ge=1, le=64, description=(
+        "Pairs per prompt: draw j gets its own principle and seed (drawn from the prompt id and j), so "
+        "contrast data grows in bulk without new prompts."))
 
     def sampling(self, seed: int) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
@@ -104,11 +107,15 @@ def make_contrast_pairs(store: Store, cfg: ContrastConfig, constitution: Constit
                             constitution.hash, judge_model_id, seed)
 
     params = cfg.sampling(seed)
+    # Draw j of a prompt is keyed "<prompt_id>" for j = 0 (so one pair per prompt is what it always
+    # was) and "<prompt_id>#j" after: its principle and sampling seed depend on the key, not on order.
+    prompts = [{**p, "draw": j, "key": p["prompt_id"] if j == 0 else f"{p['prompt_id']}#{j}"}
+               for p in prompts for j in range(cfg.pairs_per_prompt)]
     for p in prompts:
-        pr = choose_principle(principles, p["prompt_id"], seed)
+        pr = choose_principle(principles, p["key"], seed)
         p["principle"] = pr
         # The principle and its instruction are in the id: a new instruction text gives a new answer.
-        p["ids"] = [generation_id(p["prompt_id"], model_id, params, 0,
+        p["ids"] = [generation_id(p["prompt_id"], model_id, params, p["draw"],
                                   f"{stage}:{content_hash(pr.id, instr)}")
                     for stage, instr in zip(STAGES, (pr.contrast.follow, pr.contrast.violate), strict=True)]
         p["comparison_id"] = cid(p)
@@ -125,7 +132,7 @@ def make_contrast_pairs(store: Store, cfg: ContrastConfig, constitution: Constit
         # As in generate: each prompt's seed comes from its id, so a resumed run or another shard
         # samples the same text; the follow and the violate call use the same seeds, so a pair
         # shares its seed.
-        chunk_params = replace(params, request_seeds=tuple(item_seed(params.seed, p["prompt_id"]) for p in chunk))
+        chunk_params = replace(params, request_seeds=tuple(item_seed(params.seed, p["key"]) for p in chunk))
         texts: list[list[str]] = []
         gen_rows: list[dict[str, Any]] = []
         stamp = now()
@@ -144,7 +151,7 @@ def make_contrast_pairs(store: Store, cfg: ContrastConfig, constitution: Constit
                 p["seed"] = chunk_params.sample_seed(k)
                 gen_rows.append({
                     "generation_id": p["ids"][side], "prompt_id": p["prompt_id"], "stage": stage,
-                    "model_id": model_id, "engine": cfg.engine, "sample_index": 0, "seed": p["seed"],
+                    "model_id": model_id, "engine": cfg.engine, "sample_index": p["draw"], "seed": p["seed"],
                     "params": json.dumps({**params.to_dict(), "system": conv[0]["content"],
                                           "principle_id": p["principle"].id,
                                           "constitution_hash": constitution.hash}),

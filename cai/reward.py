@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from cai import training
@@ -89,6 +89,10 @@ class RewardConfig(TrainingConfig):
                     "people's labels) or 'human:<source>' (one imported set). Text works too: 'human', "
                     "'ai=1,human:hh_harmless_dev=0.5'.")
     max_length: int = Field(1024, ge=8, description="Tokens per sequence; longer ones lose tokens on the left.")
+    train_layers: int | None = Field(
+        None, ge=0, description="Train only the score head and the top N transformer blocks (0: the head alone, "
+                                "a probe on frozen features; None: every weight). Few pairs, little compute: "
+                                "a frozen backbone costs about one forward pass per pair and overfits less.")
     # --- objective ---
     hard_labels: bool = Field(False, description="Train on 1[p_a > 0.5] (ties dropped) instead of p_a.")
     margin: float = Field(0.0, ge=0.0, description="Gap the preferred response must win by, scaled by (2p-1).")
@@ -117,11 +121,19 @@ class RewardConfig(TrainingConfig):
                 raise ValueError(f"the weight of {key!r} must be > 0 (leave a source out to drop it)")
         return value
 
+    @model_validator(mode="after")
+    def _check_trainable(self) -> RewardConfig:
+        if self.train_layers is not None and self.lora:
+            raise ValueError("train_layers and lora both choose what trains: set one of them")
+        return self
+
     def identity(self) -> dict[str, Any]:
         # The default selection (AI labels only) keeps the ids models had before sources existed.
         ident = super().identity()
         if self.sources == DEFAULT_SOURCES:
             ident.pop("sources")
+        if self.train_layers is None:  # likewise for models trained before train_layers existed
+            ident.pop("train_layers")
         return ident
 
 
@@ -326,7 +338,25 @@ def build_model(path: str, tokenizer, cfg: RewardConfig, device: torch.device):
         model = get_peft_model(model, LoraConfig(
             task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.lora_target_modules))
+    if cfg.train_layers is not None:
+        freeze_below_top(model, cfg.train_layers)
     return model.to(device)
+
+
+def freeze_below_top(model, train_layers: int) -> None:
+    """Freeze every weight except the score head, and the last ``train_layers`` blocks with the final norm.
+    Frozen weights need no gradients, so autograd keeps no activations for them either."""
+    backbone = getattr(model, model.base_model_prefix, None)
+    blocks = getattr(backbone, "layers", None)
+    if blocks is None or not hasattr(model, "score"):
+        raise ValueError(f"train_layers: {type(model).__name__} has no .{model.base_model_prefix}.layers / .score; "
+                         "leave train_layers unset to train every weight")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    trainable = [model.score] + ([*blocks[len(blocks) - train_layers:], backbone.norm] if train_layers else [])
+    for module in trainable:
+        for param in module.parameters():
+            param.requires_grad_(True)
 
 
 # =============================================================================================

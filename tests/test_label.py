@@ -310,6 +310,16 @@ def test_contrast_pairs_by_construction_and_rescored(tiny_policy_dir, tmp_path, 
     prefs = store.query("SELECT * FROM preferences WHERE pair_kind = 'contrast'")
     assert len(prefs) == len(rows) and {p["chosen"] for p in prefs} == {r["response_a"] for r in rows}
     assert run_label(store, cfg, progress=False)["contrast_labelled"] == 0  # idempotent
+    # In bulk: a second draw per prompt keeps the first draw's rows and adds one pair per prompt with
+    # its own seed (the draw is in the generation's sample_index).
+    two = cfg.model_copy(update={"contrast": contrast.model_copy(update={"pairs_per_prompt": 2})})
+    more = run_label(store, two, progress=False)
+    assert more["contrast_already_done"] == 5 and more["contrast_labelled"] + more["contrast_identical_skipped"] == 5
+    draws = store.query("SELECT prompt_id, sample_index, seed FROM generations WHERE stage = 'contrast_follow'")
+    assert sorted(r["sample_index"] for r in draws) == [0] * 5 + [1] * 5
+    by_prompt = {(r["prompt_id"], r["sample_index"]): r["seed"] for r in draws}
+    assert all(by_prompt[(p, 0)] != by_prompt[(p, 1)] for p, _ in by_prompt)
+    assert run_label(store, two, progress=False)["contrast_labelled"] == 0
     # RLCD-rescore: same answers (same ids), labelled by the judge.
     rescored = run_label(store, cfg.model_copy(update={"contrast": contrast.model_copy(update={"rescore": True})}),
                          progress=False)
@@ -317,4 +327,4 @@ def test_contrast_pairs_by_construction_and_rescored(tiny_policy_dir, tmp_path, 
     new = store.query("SELECT * FROM comparisons WHERE method LIKE 'rlcd_rescore:%'")
     assert {(r["response_a_id"], r["response_b_id"]) for r in new} == {(r["response_a_id"], r["response_b_id"]) for r in rows}
     assert all(0 < r["p_a"] < 1 and r["p_a"] != 0.8 and r["judge_name"] == "multiple-choice" for r in new)
-    assert store.query("SELECT count(*) AS n FROM generations")[0]["n"] == 2 * s["contrast_prompts"]
+    assert store.query("SELECT count(*) AS n FROM generations")[0]["n"] == 2 * 2 * s["contrast_prompts"]

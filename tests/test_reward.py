@@ -382,3 +382,25 @@ def test_train_rm_on_smollm2_lora(tmp_path, smol_path):
     assert hf.config.num_labels == 1 and not any("lora" in k for k in hf.state_dict())
     rm = RewardModel.load(summary["model_id"], store=store)
     assert len(rm.score(["hi"], ["hello"])) == 1
+
+
+def test_train_layers_freezes_all_but_the_head_and_top_blocks(tmp_path, tiny_reward_dir):
+    """train_layers=0 is a probe on frozen features: only the score head moves; 1 adds the last block
+    and the final norm. A frozen backbone is also refused beside LoRA."""
+    store = Store(tmp_path / "cai.duckdb")
+    fill(store, n_prompts=10, pairs_per_prompt=2, seed=5)
+    base = load_file(tiny_reward_dir / "model.safetensors")
+    moved = {}
+    for n in (0, 1):
+        out = tmp_path / f"top{n}"
+        train_reward(store, RewardConfig(base_model=str(tiny_reward_dir), lr=1e-2, max_steps=2, val_fraction=0.2,
+                                         warmup_ratio=0.0, train_layers=n, output_dir=str(out)), progress=False)
+        saved = load_file(out / "model.safetensors")
+        moved[n] = {k for k in saved if not torch.equal(saved[k], base[k])}
+    n_blocks = 1 + max(int(k.split(".")[2]) for k in base if k.startswith("model.layers."))
+    assert moved[0] == {"score.weight"}
+    last = f"model.layers.{n_blocks - 1}."
+    assert moved[1] - moved[0] and all(k.startswith((last, "model.norm", "score")) for k in moved[1])
+    assert any(k.startswith(last) for k in moved[1])
+    with pytest.raises(ValueError, match="train_layers and lora"):
+        RewardConfig(base_model=str(tiny_reward_dir), train_layers=0, lora=True)

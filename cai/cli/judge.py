@@ -109,6 +109,8 @@ def label(db: DbOption = None,
               help="contrast pairs: the policy that answers (default: the embedded model).")] = None,
           contrast_limit: Annotated[int | None, typer.Option(help="contrast pairs: at most this many prompts.")]
           = None,
+          contrast_pairs_per_prompt: Annotated[int, typer.Option(
+              help="contrast pairs: pairs per prompt, each with its own principle and seed.")] = 1,
           confidence: Annotated[float, typer.Option(help="contrast pairs: P(follow answer better).")] = 0.9,
           rescore: Annotated[bool, typer.Option(help="contrast pairs: label with the judge (RLCD-rescore).")]
           = False) -> None:
@@ -125,6 +127,7 @@ def label(db: DbOption = None,
                           engine_options=engine_options(base_url, engine_option), shard=shard, split=split, limit=limit,
                           batch_size=batch_size, seed=seed, changed=changed,
                           contrast={"confidence": confidence, "rescore": rescore, "limit": contrast_limit,
+                                    "pairs_per_prompt": contrast_pairs_per_prompt,
                                     **({"model": contrast_model} if contrast_model else {})})
     except ValidationError as e:
         fail("; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))

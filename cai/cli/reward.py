@@ -66,6 +66,8 @@ def train_rm(db: DbOption = None,
              = None,
              lora_r: Annotated[int | None, typer.Option()] = None,
              gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing")] = None,
+             train_layers: Annotated[int | None, typer.Option(
+                 help="Train only the score head and the top N blocks (0: a probe on frozen features).")] = None,
              mixed_precision: Annotated[str | None, typer.Option(help="auto | no | bf16")] = None,
              device: Annotated[str | None, typer.Option(help="cuda | cpu (default: cuda if available).")] = None,
              eval_every: Annotated[int | None, typer.Option(help="Steps between validation passes.")] = None,
@@ -85,7 +87,8 @@ def train_rm(db: DbOption = None,
         limit=limit, sources=sources, val_fraction=val_fraction, max_length=max_length, hard_labels=hard_labels,
         margin=margin, center_coef=center_coef, lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
         max_steps=max_steps, seed=seed, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
-        mixed_precision=mixed_precision, device=device, eval_every=eval_every, save_every=save_every), sets, config)
+        train_layers=train_layers, mixed_precision=mixed_precision, device=device, eval_every=eval_every,
+        save_every=save_every), sets, config)
     relaunch_under_accelerate(num_processes)
     try:
         summary = train_reward(_store(db), cfg, stop_after_steps=stop_after)
