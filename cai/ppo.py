@@ -55,13 +55,22 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from cai import runs
 from cai.models import DEFAULT_MODEL, resolve_in_store
 from cai.store import Store, content_hash, now
-from cai.training import sigterm_as_interrupt
+from cai.training import (
+    AdapterOptions,
+    LoadDtype,
+    add_lora,
+    enable_gradient_checkpointing,
+    load_dtype_for,
+    remove_dropout,
+    sigterm_as_interrupt,
+    trainable_state,
+)
 
 Conversation = list[dict[str, str]]
 log = logging.getLogger(__name__)
@@ -70,8 +79,9 @@ log = logging.getLogger(__name__)
 # =============================================================================================
 # Configuration
 # =============================================================================================
-class PPOConfig(BaseModel):
-    """Everything that shapes a PPO run. The defaults work for SmolLM2-135M on a CPU."""
+class PPOConfig(AdapterOptions):
+    """Everything that shapes a PPO run. The defaults work for SmolLM2-135M on a CPU. LoRA and gradient
+    checkpointing (``AdapterOptions``) apply to the actor and the critic's backbone alike."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -155,6 +165,10 @@ class PPOConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default). On a busy "
                                 "machine 1 can be many times faster than contended threads.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 = autocast forward passes.")
+    load_dtype: LoadDtype = Field("auto", description=(
+        "Weights' dtype. auto: bfloat16 on a GPU that supports it for frozen weights (reference, reward model, "
+        "the bases under LoRA adapters), float32 for fully trained weights and on CPU."))
+    num_processes: int = Field(1, ge=1, description="Only 1: PPO does not run under `accelerate launch` yet.")
     save_every: int = Field(10, ge=1, description="Checkpoint every N steps (the latest one is kept).")
     sample_every: int = Field(5, ge=1, description="Store sample responses every N steps.")
     num_samples: int = Field(4, ge=0, description="Sample responses stored each time.")
@@ -175,13 +189,20 @@ class PPOConfig(BaseModel):
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt "
                              f"({self.samples_per_prompt})")
+        if self.num_processes > 1:
+            raise ValueError("num_processes > 1 is not supported for ppo yet (sft, train_rm and dpo run under "
+                             "accelerate); train PPO in one process, with lora and gradient_checkpointing for "
+                             "a large policy")
+        if self.lora and self.rollout_engine == "vllm":
+            raise ValueError("rollout_engine vllm cannot load LoRA adapters into its engine yet; use "
+                             "rollout_engine transformers with lora, or full fine-tuning with vllm")
         return self
 
     # Fields that change how often things are logged or saved, or how fast it runs, not the weights.
     NOT_TRAINING: ClassVar[frozenset[str]] = frozenset({
         "steps", "eval_every", "eval_prompts", "eval_split", "eval_samples_per_prompt", "save_every", "sample_every",
         "num_samples", "resume", "output_dir", "device", "forward_batch_size", "generation_batch_size", "rollout_engine", "threads",
-        "vllm_gpu_memory_utilization", "vllm_sleep_mode", "vllm_sleep_level"})
+        "vllm_gpu_memory_utilization", "vllm_sleep_mode", "vllm_sleep_level", "num_processes"})
 
     def training_key(self, ids: dict[str, str]) -> str:
         """Identifies a training trajectory (constant LR: the first N steps don't depend on ``steps``)."""
@@ -384,7 +405,7 @@ class ScalarModel(nn.Module):
         self.backbone, self.head = backbone, head
 
     @classmethod
-    def load(cls, path: str, zero_head_if_new: bool = True) -> ScalarModel:
+    def load(cls, path: str, zero_head_if_new: bool = True, dtype: torch.dtype = torch.float32) -> ScalarModel:
         from transformers import AutoConfig, AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
@@ -393,7 +414,7 @@ class ScalarModel(nn.Module):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "newly initialized score weights" is expected for a causal LM
         try:
-            seq = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+            seq = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
         finally:
             hf_logging.set_verbosity(verbosity)
         backbone = getattr(seq, seq.base_model_prefix)
@@ -403,7 +424,7 @@ class ScalarModel(nn.Module):
         if not is_classifier and zero_head_if_new:
             for p in head.parameters():
                 nn.init.zeros_(p)
-        return cls(backbone, head)
+        return cls(backbone, head.float())  # a few thousand weights: always float32, even on a bf16 backbone
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, last_n: int | None = None) -> torch.Tensor:
@@ -412,7 +433,7 @@ class ScalarModel(nn.Module):
                                use_cache=False).last_hidden_state
         if last_n is not None:
             hidden = hidden[:, -last_n:]
-        return self.head(hidden).squeeze(-1).float()
+        return self.head(hidden.to(next(self.head.parameters()).dtype)).squeeze(-1).float()
 
 
 class RewardModelReward:
@@ -423,7 +444,7 @@ class RewardModelReward:
     ``cai_reward.json`` when there is one."""
 
     def __init__(self, path: str, name: str, device: torch.device, batch_size: int = 16, max_length: int = 1024,
-                 autocast: Callable[[], Any] = nullcontext):
+                 autocast: Callable[[], Any] = nullcontext, dtype: torch.dtype = torch.float32):
         from transformers import AutoTokenizer
 
         meta_file = Path(path) / "cai_reward.json"
@@ -435,7 +456,7 @@ class RewardModelReward:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = ScalarModel.load(path).to(device).eval().requires_grad_(False)
+        self.model = ScalarModel.load(path, dtype=dtype).to(device).eval().requires_grad_(False)
 
     def text(self, prompt: Conversation, response: str) -> str:
         conversation = [{"role": m["role"], "content": m["content"]} for m in prompt]
@@ -461,7 +482,7 @@ class RewardModelReward:
 
 
 def load_reward(store: Store, spec: str, device: torch.device, autocast: Callable[[], Any] = nullcontext,
-                batch_size: int = 16) -> tuple[Reward, str, str | None]:
+                batch_size: int = 16, dtype: torch.dtype = torch.float32) -> tuple[Reward, str, str | None]:
     """(reward, reward id for the store, reward-model path or None) for a ``reward`` spec."""
     if spec.startswith("python:"):
         target = spec.removeprefix("python:")
@@ -491,7 +512,8 @@ def load_reward(store: Store, spec: str, device: torch.device, autocast: Callabl
 
         return JudgeReward(load_judge(spec.removeprefix("judge:")), name=spec), spec, None
     model_id, path = resolve_in_store(store, spec)
-    return RewardModelReward(path, model_id, device, batch_size=batch_size, autocast=autocast), model_id, path
+    return (RewardModelReward(path, model_id, device, batch_size=batch_size, autocast=autocast, dtype=dtype),
+            model_id, path)
 
 
 # --- tiny verifiable rewards, usable as python:cai.ppo:NAME ---------------------------------------
@@ -734,14 +756,35 @@ class PPOTrainer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id = self.tokenizer.pad_token_id
 
-        def load_lm(path: str) -> nn.Module:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
+        # Weights' dtype: bf16 for frozen weights on a bf16 GPU (load_dtype auto), float32 master weights
+        # for what AdamW updates in full; with LoRA the bases are frozen, the adapters float32 (peft).
+        frozen = load_dtype_for(cfg.load_dtype, self.device)
+        trained = load_dtype_for(cfg.load_dtype, self.device, trained=not cfg.lora)
 
-        # Actor, reference, critic. Every model stays in eval mode: no dropout, so the old log-probs
-        # recomputed here equal the ones the gradient sees in the first minibatch (ratio == 1).
-        self.policy = load_lm(policy_path).eval()
-        self.ref = load_lm(ref_path).eval().requires_grad_(False)
-        self.critic = ScalarModel.load(value_path).to(self.device).eval()
+        # Actor, reference, critic. No dropout anywhere (``remove_dropout``), so the old log-probs
+        # recomputed here equal the ones the gradient sees in the first minibatch (ratio == 1); the
+        # models sit in eval mode except during ``optimise`` (train mode is what makes transformers
+        # checkpoint activations, and with dropout gone it changes nothing else).
+        self.policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=trained)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
+        if cfg.lora:
+            self.policy = add_lora(self.policy, cfg, "CAUSAL_LM")
+        self.policy = remove_dropout(self.policy).to(self.device).eval()
+        # Reference: with LoRA on the starting weights it is the policy with its adapters disabled
+        # (``reference_logits``): no second copy in memory, which lets a 7B policy train on one device.
+        self.ref: nn.Module | None = None
+        if not (cfg.lora and ref_path == policy_path):
+            self.ref = remove_dropout(AutoModelForCausalLM.from_pretrained(ref_path, dtype=frozen)).to(
+                self.device).eval().requires_grad_(False)
+        # Critic: its own backbone (by default the reward model's) with a float32 value head; under LoRA
+        # the backbone gets adapters too and the head stays fully trainable.
+        self.critic = ScalarModel.load(value_path, dtype=trained)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.critic.backbone)
+        if cfg.lora:
+            self.critic.backbone = add_lora(self.critic.backbone, cfg, None)
+        self.critic = remove_dropout(self.critic).to(self.device).eval()
         self._check_critic_vocab(value_path)
 
         eos = {self.tokenizer.eos_token_id}
@@ -826,7 +869,7 @@ class PPOTrainer:
                 lps.append(lp)
                 ents.append(ent)
                 del logits
-                ref_logits = response_logits(self.ref, mb, self.cfg.temperature)
+                ref_logits = self.reference_logits(mb)
                 ref_lps.append(token_logprobs(ref_logits, mb.responses))
                 del ref_logits
                 vals.append(response_values(self.critic, mb))
@@ -835,6 +878,13 @@ class PPOTrainer:
         batch.ref_logprobs = torch.cat(ref_lps) * m
         batch.values = torch.cat(vals) * m
         return batch, torch.cat(ents) * m
+
+    def reference_logits(self, mb: Batch) -> torch.Tensor:
+        """The reference's logits: its frozen copy, or (LoRA) the policy with its adapters switched off."""
+        if self.ref is None:
+            with self.policy.disable_adapter():
+                return response_logits(self.policy, mb, self.cfg.temperature)
+        return response_logits(self.ref, mb, self.cfg.temperature)
 
     # ---- 2. score --------------------------------------------------------------------------
     def shape_scores(self, raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
@@ -909,6 +959,16 @@ class PPOTrainer:
 
     def optimise(self, batch: Batch) -> dict[str, float]:
         cfg = self.cfg
+        self.policy.train(cfg.gradient_checkpointing)  # train mode: activation checkpointing (no dropout to turn on)
+        self.critic.train(cfg.gradient_checkpointing)
+        try:
+            return self._optimise(batch)
+        finally:
+            self.policy.eval()  # generate() wants eval mode (its KV cache is off under checkpointing)
+            self.critic.eval()
+
+    def _optimise(self, batch: Batch) -> dict[str, float]:
+        cfg = self.cfg
         B = batch.input_ids.shape[0]
         sums: dict[str, float] = {}
         n = 0
@@ -970,8 +1030,14 @@ class PPOTrainer:
         final = root / f"step-{step:06d}"
         tmp = root / f".step-{step:06d}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp / "policy", safe_serialization=True)
-        torch.save({"critic": self.critic.state_dict(), "optimizer": self.optimizer.state_dict(),
+        if self.cfg.lora:  # only what trains (adapters, the value head): the frozen bases are the starting models
+            tmp.mkdir(parents=True)
+            policy_state, critic_state = trainable_state(self.policy), trainable_state(self.critic)
+            torch.save(policy_state, tmp / "policy_adapters.pt")
+        else:
+            self.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+            critic_state = self.critic.state_dict()
+        torch.save({"critic": critic_state, "optimizer": self.optimizer.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({
             "step": step, "kl_coef": self.kl_ctl.value, "reward_stats": self.reward_stats.state(), **extra},
@@ -984,6 +1050,28 @@ class PPOTrainer:
         return final
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        if self.cfg.lora:
+            self._load_adapters(path)
+        else:
+            self._load_policy(path)
+        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=True)
+        self.critic.load_state_dict(state["critic"], strict=not self.cfg.lora)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        meta = json.loads((path / "state.json").read_text())
+        self.kl_ctl.value = meta["kl_coef"]
+        self.reward_stats.load(meta["reward_stats"])
+        return meta
+
+    def _load_adapters(self, path: Path) -> None:
+        weights = torch.load(path / "policy_adapters.pt", map_location=self.device, weights_only=True)
+        missing = set(trainable_state(self.policy)) - set(weights)
+        if missing:
+            raise RuntimeError(f"checkpoint {path} does not match the policy's adapters: missing {sorted(missing)[:3]}")
+        self.policy.load_state_dict(weights, strict=False)
+
+    def _load_policy(self, path: Path) -> None:
         from safetensors.torch import load_file
 
         weights = {}
@@ -995,15 +1083,10 @@ class PPOTrainer:
             raise RuntimeError(f"checkpoint {path} does not match the policy: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
         self.policy.tie_weights()
-        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=True)
-        self.critic.load_state_dict(state["critic"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        meta = json.loads((path / "state.json").read_text())
-        self.kl_ctl.value = meta["kl_coef"]
-        self.reward_stats.load(meta["reward_stats"])
-        return meta
+
+    def final_policy(self) -> nn.Module:
+        """The policy to save: a plain transformers model (LoRA adapters merged into their base)."""
+        return self.policy.merge_and_unload() if self.cfg.lora else self.policy
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -1094,7 +1177,8 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
             reward = FunctionReward(reward, name=getattr(reward, "name", None))
         reward_id = reward.name
     elif cfg.reward:
-        reward, reward_id, reward_path = load_reward(store, cfg.reward, device, autocast, cfg.forward_batch_size)
+        reward, reward_id, reward_path = load_reward(store, cfg.reward, device, autocast, cfg.forward_batch_size,
+                                                     dtype=load_dtype_for(cfg.load_dtype, device))
     else:
         raise ValueError("PPO needs a reward: --reward MODEL (a reward model id or folder), judge:SPEC, "
                          "or python:module:function")
@@ -1210,7 +1294,7 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
     # ---- the final policy: a plain Hugging Face checkpoint, registered with its parents --------
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.policy.save_pretrained(tmp, safe_serialization=True)
+    trainer.final_policy().save_pretrained(tmp, safe_serialization=True)
     trainer.tokenizer.save_pretrained(tmp)
     hyper = {**cfg.model_dump(), "final_kl_coef": trainer.kl_ctl.value}
     (tmp / "cai_ppo.json").write_text(json.dumps({"model_id": model_id, "run_id": run_id, "parents": ids,

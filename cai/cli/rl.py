@@ -53,6 +53,11 @@ def ppo(db: DbOption = None,
         threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
         seed: int | None = None,
         resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of the same setup.")] = True,
+        lora: LoraOption = None,
+        gradient_checkpointing: GradientCheckpointingOption = None,
+        load_dtype: LoadDtypeOption = None,
+        num_processes: Annotated[int | None, typer.Option(
+            "--num-processes", help="Only 1 for now: PPO does not run under accelerate yet.")] = None,
         sets: SetOption = None,
         config: ConfigFileOption = None) -> None:
     """Fine-tune a policy with PPO against a reward model (or judge / Python reward)."""
@@ -66,7 +71,8 @@ def ppo(db: DbOption = None,
         "learning_rate": learning_rate,
         "kl_coef": kl_coef, "missing_eos_penalty": missing_eos_penalty, "limit": limit,
         "rollout_engine": engine, "device": device, "dtype": dtype, "threads": threads, "seed": seed,
-        "target_kl": target_kl, "resume": resume}, sets, config)
+        "target_kl": target_kl, "resume": resume, "lora": lora, "gradient_checkpointing": gradient_checkpointing,
+        "load_dtype": load_dtype, "num_processes": num_processes}, sets, config)
     try:
         summary = run_ppo(_store(db), cfg)
     except PPOError as e:
