@@ -63,6 +63,7 @@ from cai.models import DEFAULT_MODEL, resolve_in_store
 from cai.store import Store, content_hash, now
 from cai.training import (
     AdapterOptions,
+    Dist,
     LoadDtype,
     add_lora,
     enable_gradient_checkpointing,
@@ -168,7 +169,9 @@ class PPOConfig(AdapterOptions):
     load_dtype: LoadDtype = Field("auto", description=(
         "Weights' dtype. auto: bfloat16 on a GPU that supports it for frozen weights (reference, reward model, "
         "the bases under LoRA adapters), float32 for fully trained weights and on CPU."))
-    num_processes: int = Field(1, ge=1, description="Only 1: PPO does not run under `accelerate launch` yet.")
+    num_processes: int = Field(1, ge=1, description=(
+        "Processes under `accelerate launch` (data parallel: each rolls out and trains on its block of "
+        "whole prompt groups; the run file's stage launches them)."))
     save_every: int = Field(10, ge=1, description="Checkpoint every N steps (the latest one is kept).")
     sample_every: int = Field(5, ge=1, description="Store sample responses every N steps.")
     num_samples: int = Field(4, ge=0, description="Sample responses stored each time.")
@@ -189,10 +192,13 @@ class PPOConfig(AdapterOptions):
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt "
                              f"({self.samples_per_prompt})")
-        if self.num_processes > 1:
-            raise ValueError("num_processes > 1 is not supported for ppo yet (sft, train_rm and dpo run under "
-                             "accelerate); train PPO in one process, with lora and gradient_checkpointing for "
-                             "a large policy")
+        if self.batch_size % (self.num_processes * self.samples_per_prompt):
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_processes x "
+                             f"samples_per_prompt ({self.num_processes} x {self.samples_per_prompt}): each process "
+                             "rolls out whole prompt groups")
+        if self.num_processes > 1 and self.rollout_engine == "vllm":
+            raise ValueError("num_processes > 1 with rollout_engine vllm is not supported yet; use "
+                             "rollout_engine transformers, or one process (vLLM's tensor parallelism)")
         if self.lora and self.rollout_engine == "vllm":
             raise ValueError("rollout_engine vllm cannot load LoRA adapters into its engine yet; use "
                              "rollout_engine transformers with lora, or full fine-tuning with vllm")
@@ -213,20 +219,32 @@ class PPOConfig(AdapterOptions):
 # =============================================================================================
 # Masked statistics and the PPO math (pure functions, unit-tested against hand-computed values)
 # =============================================================================================
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A sum over this process's rows only: the ``total`` of one process."""
+    return t
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+# ``total`` (below): how a sum over rows becomes a sum over the whole rollout batch. One process holds
+# it all (``local``); under `accelerate launch` it is an all-reduce over the processes' shares, so the
+# statistics (whitening, explained variance, token means) are the whole batch's on every process.
+Total = Callable[[torch.Tensor], torch.Tensor]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, total: Total = local) -> torch.Tensor:
+    return total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, total: Total = local) -> torch.Tensor:
     """Unbiased variance of the masked entries."""
-    n = mask.sum()
-    mean = masked_mean(x, mask)
-    return (((x - mean) ** 2) * mask).sum() / (n - 1).clamp(min=1)
+    n = total(mask.sum())
+    mean = masked_mean(x, mask, total)
+    return total((((x - mean) ** 2) * mask).sum()) / (n - 1).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           total: Total = local) -> torch.Tensor:
     """Advantage whitening: zero mean, unit variance over the real tokens; padding stays 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, total), masked_var(x, mask, total)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -309,11 +327,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, stats
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    var_returns = masked_var(returns, mask)
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       total: Total = local) -> float:
+    var_returns = masked_var(returns, mask, total)
     if var_returns.item() == 0:
         return float("nan")
-    return float(1 - masked_var(returns - values, mask) / var_returns)
+    return float(1 - masked_var(returns - values, mask, total) / var_returns)
 
 
 class KLController:
@@ -741,10 +760,11 @@ class PPOTrainer:
     benchmark), which do the store bookkeeping around it."""
 
     def __init__(self, cfg: PPOConfig, policy_path: str, ref_path: str, value_path: str, reward: Reward,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, dist: Dist | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
+        self.dist = dist or Dist()  # one process unless under `accelerate launch`
         self.device = device or pick_device(cfg.device)
         self.reward = reward
         if cfg.threads:
@@ -901,111 +921,161 @@ class PPOTrainer:
         return scores
 
     # ---- one PPO step ----------------------------------------------------------------------
+    def my_rows(self, n: int) -> tuple[int, int]:
+        """This process's rows [lo, hi) of an ``n``-row rollout batch: a contiguous block of whole
+        prompt groups (the config makes ``batch_size`` a multiple of processes x samples_per_prompt)."""
+        size = n // self.dist.world
+        return self.dist.rank * size, (self.dist.rank + 1) * size
+
+    def gather_rows(self, x: torch.Tensor, lo: int, n: int) -> torch.Tensor:
+        """Every process's rows of a per-row tensor, in batch order: (n, ...) on every process."""
+        if not self.dist.active:
+            return x
+        full = torch.zeros((n, *x.shape[1:]), dtype=torch.float64, device=x.device)
+        full[lo:lo + x.shape[0]] = x.double()
+        return self.dist.sum_tensor(full).to(x.dtype)
+
     def step(self, conversations: Sequence[Conversation], seed: int) -> tuple[dict[str, float], dict[str, Any]]:
-        """Rollout, score, advantages, optimise. Returns (metrics, details for samples)."""
+        """Rollout, score, advantages, optimise. Returns (metrics, details for samples).
+
+        Several processes: each rolls out, scores and trains on its block of ``conversations`` (rows
+        ``lo:hi``, sampled with the seeds one process would use for them with ``generation_batch_size``
+        = the block), while every statistic that mixes rows (reward normalisation, whitening, token
+        means, the KL controller, each minibatch's loss) is taken over the whole batch."""
         cfg = self.cfg
+        total: Total = self.dist.sum_tensor if self.dist.active else local
+        n_rows = len(conversations)
+        lo, hi = self.my_rows(n_rows)
+        mine = list(conversations[lo:hi])
         t0 = time.perf_counter()
         self.sampler.update_weights()
-        batch, has_eos, texts = self.rollout(conversations, seed)
+        batch, has_eos, texts = self.rollout(mine, seed + lo)
         self.sampler.sleep()  # vLLM sleep mode: scoring and training get its GPU memory until the next rollout
         t_gen = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        raw = torch.tensor(self.reward(conversations, texts), dtype=torch.float32, device=self.device)
+        my_raw = torch.tensor(self.reward(mine, texts), dtype=torch.float32, device=self.device)
         batch, entropy = self.experience(batch)
         t_score = time.perf_counter() - t1
         mask = batch.response_mask
+        # the whole batch's sequence-level numbers, on every process (a few floats per row)
+        raw = self.gather_rows(my_raw, lo, n_rows)
+        all_eos = self.gather_rows(has_eos.float(), lo, n_rows) > 0.5
+        lengths = self.gather_rows(mask.sum(1), lo, n_rows)
+        diverged = self.gather_rows(~(torch.isfinite(batch.logprobs).all(1) & torch.isfinite(batch.values).all(1)),
+                                    lo, n_rows)
         if not torch.isfinite(raw).all():
             raise FloatingPointError(f"the reward returned non-finite values: {raw.tolist()}")
-        if not (torch.isfinite(batch.logprobs).all() and torch.isfinite(batch.values).all()):
+        if diverged.any():
             raise FloatingPointError("non-finite log-probs or values in the rollout (the weights have diverged)")
 
         # 4. per-token rewards: KL penalty everywhere, the (shaped) sequence score at the last token.
-        scores = self.shape_scores(raw, has_eos)
+        scores = self.shape_scores(raw, all_eos)  # over the whole batch: the running moments see every row
         beta = self.kl_ctl.value
-        rewards, kl = per_token_rewards(scores, batch.logprobs, batch.ref_logprobs, mask, beta)
-        kl_per_seq = kl.sum(1)
-        # 5. GAE and whitening.
+        rewards, kl = per_token_rewards(scores[lo:hi], batch.logprobs, batch.ref_logprobs, mask, beta)
+        my_kl_per_seq = kl.sum(1)
+        kl_per_seq = self.gather_rows(my_kl_per_seq, lo, n_rows)
+        # 5. GAE (per row) and whitening (over every real token of the batch).
         advantages, returns = gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, mask, total=total)
         batch.advantages, batch.returns = advantages, returns
-        ev = explained_variance(batch.values, returns, mask)
+        ev = explained_variance(batch.values, returns, mask, total)
         rollout_stats = {
             "reward": raw.mean().item(), "reward_std": raw.std().item() if raw.numel() > 1 else 0.0,
             "score": scores.mean().item(), "kl": kl_per_seq.mean().item(), "kl_coef": beta,
             "non_score_reward": (-beta * kl_per_seq).mean().item(),
-            "entropy": masked_mean(entropy, mask).item(), "explained_variance": ev,
-            "response_length": mask.sum(1).mean().item(), "eos_fraction": has_eos.float().mean().item(),
-            "value_mean": masked_mean(batch.values, mask).item(), "return_mean": masked_mean(returns, mask).item(),
+            "entropy": masked_mean(entropy, mask, total).item(), "explained_variance": ev,
+            "response_length": lengths.mean().item(), "eos_fraction": all_eos.float().mean().item(),
+            "value_mean": masked_mean(batch.values, mask, total).item(),
+            "return_mean": masked_mean(returns, mask, total).item(),
         }
 
         # 6. optimisation: several epochs of shuffled minibatches.
         t2 = time.perf_counter()
-        train_stats = self.optimise(batch)
+        train_stats = self.optimise(batch, lengths, lo, seed)
         t_train = time.perf_counter() - t2
 
         # 7. adapt beta to the KL the rollouts showed.
-        self.kl_ctl.update(rollout_stats["kl"], len(conversations))
-        n_tokens = mask.sum().item()
-        total = time.perf_counter() - t0
+        self.kl_ctl.update(rollout_stats["kl"], n_rows)
+        n_tokens = lengths.sum().item()
+        elapsed = time.perf_counter() - t0
         metrics = {**rollout_stats, **train_stats,
                    "generation_seconds": t_gen, "scoring_seconds": t_score, "training_seconds": t_train,
-                   "step_seconds": total, "tokens_per_second": n_tokens / total,
+                   "step_seconds": elapsed, "tokens_per_second": n_tokens / elapsed,
                    "generation_tokens_per_second": n_tokens / t_gen if t_gen else float("nan")}
-        details = {"texts": texts, "raw": raw.tolist(), "kl": kl_per_seq.tolist(),
+        # this process's rows (rank 0's are the batch's first ones: what run_ppo stores as samples)
+        details = {"texts": texts, "raw": my_raw.tolist(), "kl": my_kl_per_seq.tolist(),
                    "lengths": mask.sum(1).long().tolist(), "has_eos": has_eos.tolist()}
         return metrics, details
 
-    def optimise(self, batch: Batch) -> dict[str, float]:
+    def optimise(self, batch: Batch, lengths: torch.Tensor, lo: int, seed: int) -> dict[str, float]:
         cfg = self.cfg
         self.policy.train(cfg.gradient_checkpointing)  # train mode: activation checkpointing (no dropout to turn on)
         self.critic.train(cfg.gradient_checkpointing)
         try:
-            return self._optimise(batch)
+            return self._optimise(batch, lengths, lo, seed)
         finally:
             self.policy.eval()  # generate() wants eval mode (its KV cache is off under checkpointing)
             self.critic.eval()
 
-    def _optimise(self, batch: Batch) -> dict[str, float]:
+    def _optimise(self, batch: Batch, lengths: torch.Tensor, lo: int, seed: int) -> dict[str, float]:
+        """``ppo_epochs`` passes of shuffled minibatches over the whole batch (``lengths``: every row's
+        response tokens; this process holds rows ``lo:lo + len(batch)``). A minibatch's loss is its
+        token mean: each process back-propagates its rows' share (their token sum over the
+        minibatch's token count) and the gradients are summed, so the update is the one-process one."""
         cfg = self.cfg
-        B = batch.input_ids.shape[0]
+        lengths = lengths.cpu()
+        B, mine = lengths.shape[0], batch.input_ids.shape[0]
+        trainable = [p for p in [*self.policy.parameters(), *self.critic.parameters()] if p.requires_grad]
         sums: dict[str, float] = {}
         n = 0
         stop_early = False
-        for _epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(B, device=self.device)
+        for epoch in range(cfg.ppo_epochs):
+            # A seeded order (not the global RNG, which sampling leaves in a different state on each process).
+            order = torch.randperm(B, generator=torch.Generator().manual_seed(seed * 31 + epoch))
             for start in range(0, B, cfg.minibatch_size):
-                mb = batch[order[start:start + cfg.minibatch_size]]
-                m = mb.response_mask
-                with self.autocast():
-                    logits = response_logits(self.policy, mb, cfg.temperature)
-                    new_logprobs = token_logprobs(logits, mb.responses)
-                    new_values = response_values(self.critic, mb)
-                pg_loss, pg_stats = policy_loss(new_logprobs, mb.logprobs, mb.advantages, m, cfg.clip_range)
-                vf_loss, vf_stats = value_loss(new_values, mb.values, mb.returns, m, cfg.value_clip_range)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if cfg.entropy_coef > 0:
-                    loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), m)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})")
+                rows = order[start:start + cfg.minibatch_size]
+                local_rows = rows[(rows >= lo) & (rows < lo + mine)] - lo
+                share = float(lengths[lo + local_rows].sum() / lengths[rows].sum().clamp(min=1))
+                # (one process: local_rows == rows and share == 1, the plain minibatch token mean)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                stats: dict[str, torch.Tensor | float] = {}
+                if len(local_rows):
+                    mb = batch[local_rows.to(self.device)]
+                    m = mb.response_mask
+                    with self.autocast():
+                        logits = response_logits(self.policy, mb, cfg.temperature)
+                        new_logprobs = token_logprobs(logits, mb.responses)
+                        new_values = response_values(self.critic, mb)
+                    pg_loss, pg_stats = policy_loss(new_logprobs, mb.logprobs, mb.advantages, m, cfg.clip_range)
+                    vf_loss, vf_stats = value_loss(new_values, mb.values, mb.returns, m, cfg.value_clip_range)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    if cfg.entropy_coef > 0:
+                        loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), m)
+                    if not torch.isfinite(loss) and not self.dist.active:  # (several: the summed gradient says)
+                        raise FloatingPointError(f"loss is {loss.item()} (policy {pg_loss.item()}, "
+                                                 f"value {vf_loss.item()})")
+                    (loss * share).backward()
+                    stats = {k: float(v.detach()) * share for k, v in
+                             {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items()}
+                stats = self.dist.sum_values({k: stats.get(k, 0.0) for k in MINIBATCH_STATS})
+                self.dist.sum_gradients(trainable)  # several processes: the whole minibatch's gradient on each
                 grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 value_grad_norm = nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
                 if not (torch.isfinite(grad_norm) and torch.isfinite(value_grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
                     raise FloatingPointError("gradient norm is not finite")
                 self.optimizer.step()
-                for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "grad_norm": grad_norm,
-                             "value_grad_norm": value_grad_norm, **pg_stats, **vf_stats}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                for k, v in {**stats, "grad_norm": float(grad_norm), "value_grad_norm": float(value_grad_norm)}.items():
+                    sums[k] = sums.get(k, 0.0) + v
                 n += 1
-                if cfg.target_approx_kl is not None and pg_stats["approx_kl"] > cfg.target_approx_kl:
+                if cfg.target_approx_kl is not None and stats["approx_kl"] > cfg.target_approx_kl:
                     stop_early = True
                     break
             if stop_early:
                 break
+        self.optimizer.zero_grad(set_to_none=True)
         out = {k: v / max(n, 1) for k, v in sums.items()}
         out["minibatch_updates"] = float(n)
         return out
@@ -1089,6 +1159,10 @@ class PPOTrainer:
         return self.policy.merge_and_unload() if self.cfg.lora else self.policy
 
 
+# What each minibatch reports (token means over the minibatch, summed over the processes' shares).
+MINIBATCH_STATS = ("policy_loss", "value_loss", "clip_frac", "approx_kl", "ratio", "value_clip_frac")
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     found = sorted(p for p in root.glob("step-*") if (p / "state.json").exists())
     return found[-1] if found else None
@@ -1148,23 +1222,32 @@ def _sample_rows(run_id: str, model_id: str, step: int, split: str, prompts: lis
 
 
 def run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None = None, progress: bool = True,
-            plot: bool = True) -> dict[str, Any]:
+            plot: bool = True, stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train a policy with PPO on the store's prompts; returns a summary.
 
     ``reward`` overrides ``cfg.reward`` with a live object (a Python function reward in tests).
+    ``stop_after_steps``: checkpoint and return after this many steps (the same call resumes).
     Raises ``PPOError`` when training stops on NaN/inf or a KL blow-up.
+
+    Under `accelerate launch` (``WORLD_SIZE`` > 1) each process rolls out and trains on its block of
+    every batch (``PPOTrainer.step``); rank 0 alone evaluates, writes to the store and saves.
     """
     with sigterm_as_interrupt():  # a `kill` marks the run 'interrupted' (resumable), like Ctrl-C
-        return _run_ppo(store, cfg, reward=reward, progress=progress, plot=plot)
+        return _run_ppo(store, cfg, reward=reward, progress=progress, plot=plot, stop_after_steps=stop_after_steps)
 
 
-def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: bool, plot: bool) -> dict[str, Any]:
+def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: bool, plot: bool,
+             stop_after_steps: int | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from cai.generate import select_prompts
 
     started = time.time()
-    device = pick_device(cfg.device)
+    dist = Dist()  # under `accelerate launch`: this process's rank; rank 0 alone writes to the store and disk
+    if cfg.batch_size % (dist.world * cfg.samples_per_prompt):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of processes x samples_per_prompt "
+                         f"({dist.world} x {cfg.samples_per_prompt})")
+    device = dist.device_for(cfg.device)
     policy_id, policy_path = resolve_in_store(store, cfg.policy)
     ref_id, ref_path = resolve_in_store(store, cfg.ref) if cfg.ref else (policy_id, policy_path)
 
@@ -1204,7 +1287,7 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
             return {"model_id": model_id, "path": done[0]["path"], "already_trained": True}
 
     # ---- prompts -------------------------------------------------------------------------------
-    trainer = PPOTrainer(cfg, policy_path, ref_path, value_path, reward, device)
+    trainer = PPOTrainer(cfg, policy_path, ref_path, value_path, reward, device, dist)
     prompts = [p for p in selected if trainer.prompt_length(p["messages"]) <= cfg.max_prompt_tokens]
     if len(prompts) < 1:
         raise LookupError(f"no {cfg.split or ''} prompts in {store.path} (of at most {cfg.max_prompt_tokens} "
@@ -1222,6 +1305,8 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
     if ckpt is not None:
         meta = trainer.load_checkpoint(ckpt)
         start_step, run_id = meta["step"] + 1, meta["run_id"]
+    dist.barrier()  # every rank has read the store and the checkpoint before rank 0 writes
+    if ckpt is not None and dist.main:
         with store.write() as con:  # forget what the crashed run logged after its checkpoint
             con.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, meta["step"]])
             con.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", [run_id, meta["step"]])
@@ -1230,13 +1315,13 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
         runs.attach(store, run_id)  # this process owns the resumed run now (heartbeat, SIGTERM)
     if run_id is None:
         run_id = store.start_run("ppo", {**cfg.model_dump(), **{f"{k}_id": v for k, v in ids.items()},
-                                         "model_id": model_id})
+                                         "model_id": model_id, "processes": dist.world}) if dist.main else ""
     summary: dict[str, Any] = {"run_id": run_id, "model_id": model_id, "train_prompts": len(prompts),
                                "eval_prompts": len(eval_prompts), "resumed_from_step": start_step or None,
                                "engine": trainer.sampler.name, "device": str(device)}
 
     def evaluate(step: int) -> dict[str, float]:
-        if not eval_prompts:
+        if not eval_prompts or not dist.main:  # rank 0 evaluates; the others wait at the next all-reduce
             return {}
         # The same prompts and sampling seed at every evaluation, so the curve moves with the policy only.
         repeated = [p for p in eval_prompts for _ in range(cfg.eval_samples_per_prompt)]
@@ -1247,14 +1332,18 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
         return m
 
     last_ckpt = ckpt
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="ppo", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="ppo", unit="step", disable=not progress or not dist.main)
     step = start_step
     try:
         if start_step == 0:
             first_eval = evaluate(0)
             if first_eval:
                 summary["eval_reward_start"] = first_eval["reward"]
+        stopped_at = None
         for step in range(start_step, cfg.steps):
+            if stop_after_steps is not None and step - start_step >= stop_after_steps:
+                stopped_at = step
+                break
             # batch_size / k prompts, each k times in a row (k = samples_per_prompt; the group baseline
             # relies on that order).
             k = cfg.samples_per_prompt
@@ -1264,10 +1353,12 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
                 metrics, details = trainer.step([p["messages"] for p in chosen], seed=cfg.seed * 100003 + step)
             except FloatingPointError as e:
                 raise PPOError(f"PPO step {step}: {e}", last_ckpt) from e
-            store.insert("metrics", _metric_rows(run_id, model_id, step, "train", metrics))
-            if cfg.num_samples and (step % cfg.sample_every == 0 or step == cfg.steps - 1):
-                store.insert("samples", _sample_rows(run_id, model_id, step, "train", chosen, details,
-                                                     cfg.num_samples))
+            if dist.main:
+                store.insert("metrics", _metric_rows(run_id, model_id, step, "train", metrics))
+            if dist.main and cfg.num_samples and (step % cfg.sample_every == 0 or step == cfg.steps - 1):
+                # details hold this process's rows: rank 0's are the batch's first ones
+                store.insert("samples", _sample_rows(run_id, model_id, step, "train", chosen[:len(details["texts"])],
+                                                     details, cfg.num_samples))
             if metrics["kl"] > cfg.max_kl:
                 raise PPOError(f"PPO step {step}: KL to the reference blew up ({metrics['kl']:.2f} nats > max_kl "
                                f"{cfg.max_kl}); lower the learning rate or raise kl_coef", last_ckpt)
@@ -1276,8 +1367,15 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
             bar.update(1)
             if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 evaluate(step + 1)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps) and dist.main:
                 last_ckpt = trainer.save_checkpoint(ckpt_root, step, {"run_id": run_id, "model_id": model_id})
+        if stopped_at is not None:  # stopped part-way on purpose: a checkpoint to resume from
+            bar.close()
+            if dist.main:
+                trainer.save_checkpoint(ckpt_root, stopped_at - 1, {"run_id": run_id, "model_id": model_id})
+                store.finish_run(run_id, "stopped", {**summary, "stopped_at_step": stopped_at})
+            dist.barrier()
+            return {**summary, "finished": False, "stopped_at_step": stopped_at}
         final_eval = evaluate(cfg.steps)
         if final_eval:
             summary["eval_reward_end"] = final_eval["reward"]
@@ -1286,10 +1384,15 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
     except BaseException as e:
         bar.close()
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        store.finish_run(run_id, status, {**summary, "failed_at_step": step,
-                                          "last_checkpoint": str(last_ckpt) if last_ckpt else None}, error=str(e))
+        if dist.main:
+            store.finish_run(run_id, status, {**summary, "failed_at_step": step,
+                                              "last_checkpoint": str(last_ckpt) if last_ckpt else None},
+                             error=str(e))
         raise
     bar.close()
+    if not dist.main:  # rank 0 saves and registers the model
+        dist.barrier()
+        return {**summary, "rank": dist.rank}
 
     # ---- the final policy: a plain Hugging Face checkpoint, registered with its parents --------
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -1323,4 +1426,5 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
         summary["plot"] = str(png)
     shutil.rmtree(ckpt_root, ignore_errors=True)  # the final model supersedes the checkpoints
     store.finish_run(run_id, "ok", summary)
+    dist.barrier()
     return summary

@@ -472,9 +472,12 @@ def test_ppo_lora_gradient_checkpointing_one_policy_copy_resume_and_a_plain_save
     AutoModelForCausalLM.from_pretrained(summary["path"])
 
 
-def test_ppo_config_refuses_several_processes_and_lora_with_vllm():
-    with pytest.raises(ValueError, match="num_processes > 1 is not supported for ppo yet"):
-        PPOConfig(num_processes=2)
+def test_ppo_config_refuses_uneven_process_shares_and_lora_with_vllm():
+    with pytest.raises(ValueError, match="multiple of num_processes x samples_per_prompt"):
+        PPOConfig(num_processes=3, batch_size=16, samples_per_prompt=4)
+    with pytest.raises(ValueError, match="num_processes > 1 with rollout_engine vllm"):
+        PPOConfig(num_processes=2, rollout_engine="vllm")
+    assert PPOConfig(num_processes=2, batch_size=16, samples_per_prompt=4).num_processes == 2
     with pytest.raises(ValueError, match="vllm cannot load LoRA"):
         PPOConfig(lora=True, rollout_engine="vllm")
     assert PPOConfig(lora=True, gradient_checkpointing=True, load_dtype="bfloat16").load_dtype == "bfloat16"
@@ -492,10 +495,10 @@ def test_run_file_and_cli_take_the_scale_options(tmp_path):
                  "  num_processes: 2\nppo:\n  lora: true\n  gradient_checkpointing: true\n")
     cfg = load_pipeline(f)
     assert cfg.dpo.lora and cfg.dpo.num_processes == 2 and cfg.dpo.load_dtype == "bfloat16" and cfg.ppo.lora
-    f.write_text("stages: [ppo]\nppo:\n  num_processes: 2\n")
-    with pytest.raises(SpecError, match="num_processes > 1 is not supported for ppo yet"):
+    f.write_text("stages: [ppo]\nppo:\n  num_processes: 3\n")
+    with pytest.raises(SpecError, match="multiple of num_processes x samples_per_prompt"):
         load_pipeline(f)
     out = CliRunner().invoke(app, ["ppo", "--db", str(tmp_path / "x.duckdb"), "--lora", "--gradient-checkpointing",
-                                   "--num-processes", "2"])
-    assert out.exit_code == 1 and "not supported for ppo yet" in out.output
+                                   "--num-processes", "3"])
+    assert out.exit_code == 1 and "multiple of num_processes" in out.output
     assert not (tmp_path / "x.duckdb").exists()  # nothing written

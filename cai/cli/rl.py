@@ -56,8 +56,9 @@ def ppo(db: DbOption = None,
         lora: LoraOption = None,
         gradient_checkpointing: GradientCheckpointingOption = None,
         load_dtype: LoadDtypeOption = None,
-        num_processes: Annotated[int | None, typer.Option(
-            "--num-processes", help="Only 1 for now: PPO does not run under accelerate yet.")] = None,
+        stop_after: Annotated[int | None, typer.Option(help="Checkpoint and stop after this many steps; the "
+                                                            "same command resumes.")] = None,
+        num_processes: NumProcessesOption = None,
         sets: SetOption = None,
         config: ConfigFileOption = None) -> None:
     """Fine-tune a policy with PPO against a reward model (or judge / Python reward)."""
@@ -73,12 +74,15 @@ def ppo(db: DbOption = None,
         "rollout_engine": engine, "device": device, "dtype": dtype, "threads": threads, "seed": seed,
         "target_kl": target_kl, "resume": resume, "lora": lora, "gradient_checkpointing": gradient_checkpointing,
         "load_dtype": load_dtype, "num_processes": num_processes}, sets, config)
+    relaunch_under_accelerate(num_processes or (cfg.num_processes if cfg.num_processes > 1 else None))
     try:
-        summary = run_ppo(_store(db), cfg)
+        summary = run_ppo(_store(db), cfg, stop_after_steps=stop_after)
     except PPOError as e:
         fail(f"training stopped: {e}")
     except (ModelNotFoundError, LookupError, ValueError, NotImplementedError, StoreLockedError) as e:
         fail(str(e))
+    if not is_main_process():
+        return
     console.print_json(json.dumps(summary, default=str))
     if "eval_reward_gain" in summary:
         err.print(f"held-out reward {summary['eval_reward_start']:.4f} -> {summary['eval_reward_end']:.4f}: "
