@@ -82,8 +82,8 @@ class DPOConfig(AdapterOptions):
     device: str = "auto"
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 = autocast forward passes.")
     load_dtype: LoadDtype = Field("auto", description=(
-        "Weights' dtype. auto: bfloat16 on a GPU that supports it for frozen weights (the reference, the base "
-        "under LoRA adapters), float32 for fully trained weights and on CPU."))
+        "Weights' dtype. auto: bfloat16 on a GPU that supports it for the base under LoRA adapters (and a "
+        "separate reference with it), float32 for fully trained weights (and their reference) and on CPU."))
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default).")
     num_processes: int = Field(1, ge=1, description="Processes under `accelerate launch` (data parallel; "
                                                     "the run file's stage launches them).")
@@ -289,7 +289,8 @@ def _run_dpo(store: Store, cfg: DPOConfig, *, progress: bool, plot: bool,
     if shares_weights:
         ref, reference = policy, "the policy with its LoRA adapters disabled"
     else:
-        ref_dtype = load_dtype_for(cfg.load_dtype, device)
+        # the policy's dtype: a reference rounded differently would give every pair a margin before training
+        ref_dtype = load_dtype_for(cfg.load_dtype, device, trained=not cfg.lora)
         ref = remove_dropout(AutoModelForCausalLM.from_pretrained(ref_path, dtype=ref_dtype)).to(device).eval()
         reference = f"a frozen copy of {ref_id}"
     ref_lps = torch.zeros(len(pairs), 2, dtype=torch.float64)

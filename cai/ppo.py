@@ -167,8 +167,8 @@ class PPOConfig(AdapterOptions):
                                 "machine 1 can be many times faster than contended threads.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 = autocast forward passes.")
     load_dtype: LoadDtype = Field("auto", description=(
-        "Weights' dtype. auto: bfloat16 on a GPU that supports it for frozen weights (reference, reward model, "
-        "the bases under LoRA adapters), float32 for fully trained weights and on CPU."))
+        "Weights' dtype. auto: bfloat16 on a GPU that supports it for the reward model and the bases under LoRA "
+        "adapters, float32 for fully trained weights (and the reference with them) and on CPU."))
     num_processes: int = Field(1, ge=1, description=(
         "Processes under `accelerate launch` (data parallel: each rolls out and trains on its block of "
         "whole prompt groups; the run file's stage launches them)."))
@@ -776,9 +776,9 @@ class PPOTrainer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id = self.tokenizer.pad_token_id
 
-        # Weights' dtype: bf16 for frozen weights on a bf16 GPU (load_dtype auto), float32 master weights
-        # for what AdamW updates in full; with LoRA the bases are frozen, the adapters float32 (peft).
-        frozen = load_dtype_for(cfg.load_dtype, self.device)
+        # Weights' dtype: float32 master weights for what AdamW updates in full; with LoRA the bases are
+        # frozen and load in bf16 on a bf16 GPU (load_dtype auto), the adapters stay float32 (peft). The
+        # reference takes the policy's dtype: rounded differently, it would show a KL before any update.
         trained = load_dtype_for(cfg.load_dtype, self.device, trained=not cfg.lora)
 
         # Actor, reference, critic. No dropout anywhere (``remove_dropout``), so the old log-probs
@@ -795,7 +795,7 @@ class PPOTrainer:
         # (``reference_logits``): no second copy in memory, which lets a 7B policy train on one device.
         self.ref: nn.Module | None = None
         if not (cfg.lora and ref_path == policy_path):
-            self.ref = remove_dropout(AutoModelForCausalLM.from_pretrained(ref_path, dtype=frozen)).to(
+            self.ref = remove_dropout(AutoModelForCausalLM.from_pretrained(ref_path, dtype=trained)).to(
                 self.device).eval().requires_grad_(False)
         # Critic: its own backbone (by default the reward model's) with a float32 value head; under LoRA
         # the backbone gets adapters too and the head stays fully trainable.
@@ -1300,7 +1300,7 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
     # ---- resume or start -----------------------------------------------------------------------
     start_step, run_id = 0, None
     ckpt = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if not cfg.resume:
+    if not cfg.resume and dist.main:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     if ckpt is not None:
         meta = trainer.load_checkpoint(ckpt)

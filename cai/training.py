@@ -188,8 +188,9 @@ def load_dtype_for(name: LoadDtype, device: torch.device, *, trained: bool = Fal
     """The dtype weights are loaded in. ``auto``: bfloat16 on a CUDA device that supports it, float32
     elsewhere (CPU tests stay float32) and for weights AdamW updates in full (``trained``): a bf16
     weight cannot take a 1e-6 step (its precision is ~4e-3 relative), so full fine-tuning keeps
-    float32 master weights unless ``bfloat16`` is asked for. Frozen weights (a reference, a reward
-    model, the base under LoRA adapters) load in bf16 on such GPUs: half the memory."""
+    float32 master weights unless ``bfloat16`` is asked for. Frozen weights (a reward model, the base
+    under LoRA adapters) load in bf16 on such GPUs: half the memory. (DPO and PPO load a separate
+    reference in the policy's dtype, so the two agree before training.)"""
     if name == "float32":
         return torch.float32
     if name == "bfloat16":
