@@ -13,7 +13,10 @@ response tokens), the per-pair loss depends on ``label_mode``:
   1 for a sure label), normalised by the batch's total weight.
 * ``hard``: plain DPO, the label's strength ignored.
 
-Reference log-probabilities are computed once before training (then the reference is freed).
+Reference log-probabilities are computed once before training (then the reference is freed; with
+LoRA the reference is the policy itself with its adapters disabled, so only one model is loaded).
+Under `accelerate launch` each process takes its share of every step's pairs and the gradients are
+summed (rank 0 alone writes); checkpoints every ``save_every`` steps make a rerun resume.
 Pairs whose prompt is in the ``test`` split are held out and evaluated every ``eval_every``
 steps. The trained policy is saved as a plain Hugging Face checkpoint and registered in
 ``models`` like any policy (kind 'policy', parents: the starting policy and the reference).

@@ -2,8 +2,9 @@
 
 The pieces, each named where it happens below:
 
-* **actor** = the policy being trained (a causal LM); **reference** = a frozen copy of the
-  starting policy; **critic** = a value head on its own backbone, initialised from the reward
+* **actor** = the policy being trained (a causal LM, optionally with LoRA adapters); **reference** =
+  a frozen copy of the starting policy (with LoRA: the actor itself with its adapters disabled, no
+  second copy); **critic** = a value head on its own backbone, initialised from the reward
   model by default (``value_model`` names another starting point); **reward** = anything that
   maps (prompt, response) to a number: a frozen reward model, a d-RLAIF judge score, or a
   Python function (one ``Reward`` interface).
@@ -24,6 +25,9 @@ The pieces, each named where it happens below:
      surrogate, the clipped value loss, gradient clipping;
   7. **KL controller**: fixed beta, or the adaptive controller of Ziegler et al. (2019) aiming
      at ``target_kl``.
+* Several processes (`accelerate launch`): each rolls out and trains on its block of the batch;
+  whatever mixes rows (normalisation, whitening, minibatch losses, the KL controller) is all-reduced
+  so the update is the one-process one (``PPOTrainer.step``).
 * Bookkeeping: metrics every step to ``metrics``, sample responses to ``samples`` every
   ``sample_every`` steps, held-out reward every ``eval_every`` steps, checkpoints every
   ``save_every`` steps (resumed automatically), a stop with a clear message on NaN/inf or a KL

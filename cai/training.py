@@ -1,4 +1,5 @@
-"""What the supervised trainers (``cai/sft.py``, ``cai/reward.py``) share: the optimisation config,
+"""What the supervised trainers (``cai/sft.py``, ``cai/reward.py``) share (DPO and PPO use the LoRA /
+gradient-checkpointing / dtype helpers, checkpoints and ``Dist`` too): the optimisation config,
 device and precision choice, AdamW with a warm-up + cosine schedule, a seeded data order,
 checkpoints that resume bit for bit, a buffered metrics writer and the prompt-level train/val split.
 
