@@ -201,7 +201,7 @@ def stage_config(stage: str, cfg: PipelineConfig, store: Any, produced: dict[str
 
 def launch_training(stage: str, section: BaseModel, store: Any) -> None:
     """Train ``stage`` on ``section.num_processes`` processes under `accelerate launch` (the same
-    `cai sft` / `cai train-rm` command with this section as its --config); rank 0 writes the store."""
+    `cai sft` / `cai train-rm` / `cai dpo` / `cai ppo` command with this section as its --config); rank 0 writes the store."""
     import subprocess
     import tempfile
 
@@ -209,9 +209,9 @@ def launch_training(stage: str, section: BaseModel, store: Any) -> None:
 
     from cai.training import accelerate_command
 
-    command = {"sft": "sft", "train_rm": "train-rm"}.get(stage)
+    command = {"sft": "sft", "train_rm": "train-rm", "dpo": "dpo", "ppo": "ppo"}.get(stage)
     if command is None:
-        raise ValueError(f"{stage}: num_processes > 1 is supported for sft and train_rm")
+        raise ValueError(f"{stage}: num_processes > 1 is supported for sft, train_rm, dpo and ppo")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{stage}.yaml"
         path.write_text(yaml.safe_dump(section.model_dump(mode="json")))

@@ -2,8 +2,9 @@
 
 The pieces, each named where it happens below:
 
-* **actor** = the policy being trained (a causal LM); **reference** = a frozen copy of the
-  starting policy; **critic** = a value head on its own backbone, initialised from the reward
+* **actor** = the policy being trained (a causal LM, optionally with LoRA adapters); **reference** =
+  a frozen copy of the starting policy (with LoRA: the actor itself with its adapters disabled, no
+  second copy); **critic** = a value head on its own backbone, initialised from the reward
   model by default (``value_model`` names another starting point); **reward** = anything that
   maps (prompt, response) to a number: a frozen reward model, a d-RLAIF judge score, or a
   Python function (one ``Reward`` interface).
@@ -24,6 +25,9 @@ The pieces, each named where it happens below:
      surrogate, the clipped value loss, gradient clipping;
   7. **KL controller**: fixed beta, or the adaptive controller of Ziegler et al. (2019) aiming
      at ``target_kl``.
+* Several processes (`accelerate launch`): each rolls out and trains on its block of the batch;
+  whatever mixes rows (normalisation, whitening, minibatch losses, the KL controller) is all-reduced
+  so the update is the one-process one (``PPOTrainer.step``).
 * Bookkeeping: metrics every step to ``metrics``, sample responses to ``samples`` every
   ``sample_every`` steps, held-out reward every ``eval_every`` steps, checkpoints every
   ``save_every`` steps (resumed automatically), a stop with a clear message on NaN/inf or a KL
@@ -55,13 +59,23 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from cai import runs
 from cai.models import DEFAULT_MODEL, resolve_in_store
 from cai.store import Store, content_hash, now
-from cai.training import sigterm_as_interrupt
+from cai.training import (
+    AdapterOptions,
+    Dist,
+    LoadDtype,
+    add_lora,
+    enable_gradient_checkpointing,
+    load_dtype_for,
+    remove_dropout,
+    sigterm_as_interrupt,
+    trainable_state,
+)
 
 Conversation = list[dict[str, str]]
 log = logging.getLogger(__name__)
@@ -70,8 +84,9 @@ log = logging.getLogger(__name__)
 # =============================================================================================
 # Configuration
 # =============================================================================================
-class PPOConfig(BaseModel):
-    """Everything that shapes a PPO run. The defaults work for SmolLM2-135M on a CPU."""
+class PPOConfig(AdapterOptions):
+    """Everything that shapes a PPO run. The defaults work for SmolLM2-135M on a CPU. LoRA and gradient
+    checkpointing (``AdapterOptions``) apply to the actor and the critic's backbone alike."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -155,6 +170,12 @@ class PPOConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default). On a busy "
                                 "machine 1 can be many times faster than contended threads.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 = autocast forward passes.")
+    load_dtype: LoadDtype = Field("auto", description=(
+        "Weights' dtype. auto: bfloat16 on a GPU that supports it for the reward model and the bases under LoRA "
+        "adapters, float32 for fully trained weights (and the reference with them) and on CPU."))
+    num_processes: int = Field(1, ge=1, description=(
+        "Processes under `accelerate launch` (data parallel: each rolls out and trains on its block of "
+        "whole prompt groups; the run file's stage launches them)."))
     save_every: int = Field(10, ge=1, description="Checkpoint every N steps (the latest one is kept).")
     sample_every: int = Field(5, ge=1, description="Store sample responses every N steps.")
     num_samples: int = Field(4, ge=0, description="Sample responses stored each time.")
@@ -175,13 +196,23 @@ class PPOConfig(BaseModel):
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt "
                              f"({self.samples_per_prompt})")
+        if self.batch_size % (self.num_processes * self.samples_per_prompt):
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_processes x "
+                             f"samples_per_prompt ({self.num_processes} x {self.samples_per_prompt}): each process "
+                             "rolls out whole prompt groups")
+        if self.num_processes > 1 and self.rollout_engine == "vllm":
+            raise ValueError("num_processes > 1 with rollout_engine vllm is not supported yet; use "
+                             "rollout_engine transformers, or one process (vLLM's tensor parallelism)")
+        if self.lora and self.rollout_engine == "vllm":
+            raise ValueError("rollout_engine vllm cannot load LoRA adapters into its engine yet; use "
+                             "rollout_engine transformers with lora, or full fine-tuning with vllm")
         return self
 
     # Fields that change how often things are logged or saved, or how fast it runs, not the weights.
     NOT_TRAINING: ClassVar[frozenset[str]] = frozenset({
         "steps", "eval_every", "eval_prompts", "eval_split", "eval_samples_per_prompt", "save_every", "sample_every",
         "num_samples", "resume", "output_dir", "device", "forward_batch_size", "generation_batch_size", "rollout_engine", "threads",
-        "vllm_gpu_memory_utilization", "vllm_sleep_mode", "vllm_sleep_level"})
+        "vllm_gpu_memory_utilization", "vllm_sleep_mode", "vllm_sleep_level", "num_processes"})
 
     def training_key(self, ids: dict[str, str]) -> str:
         """Identifies a training trajectory (constant LR: the first N steps don't depend on ``steps``)."""
@@ -192,20 +223,32 @@ class PPOConfig(BaseModel):
 # =============================================================================================
 # Masked statistics and the PPO math (pure functions, unit-tested against hand-computed values)
 # =============================================================================================
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A sum over this process's rows only: the ``total`` of one process."""
+    return t
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+# ``total`` (below): how a sum over rows becomes a sum over the whole rollout batch. One process holds
+# it all (``local``); under `accelerate launch` it is an all-reduce over the processes' shares, so the
+# statistics (whitening, explained variance, token means) are the whole batch's on every process.
+Total = Callable[[torch.Tensor], torch.Tensor]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, total: Total = local) -> torch.Tensor:
+    return total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, total: Total = local) -> torch.Tensor:
     """Unbiased variance of the masked entries."""
-    n = mask.sum()
-    mean = masked_mean(x, mask)
-    return (((x - mean) ** 2) * mask).sum() / (n - 1).clamp(min=1)
+    n = total(mask.sum())
+    mean = masked_mean(x, mask, total)
+    return total((((x - mean) ** 2) * mask).sum()) / (n - 1).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           total: Total = local) -> torch.Tensor:
     """Advantage whitening: zero mean, unit variance over the real tokens; padding stays 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, total), masked_var(x, mask, total)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -288,11 +331,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, stats
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    var_returns = masked_var(returns, mask)
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       total: Total = local) -> float:
+    var_returns = masked_var(returns, mask, total)
     if var_returns.item() == 0:
         return float("nan")
-    return float(1 - masked_var(returns - values, mask) / var_returns)
+    return float(1 - masked_var(returns - values, mask, total) / var_returns)
 
 
 class KLController:
@@ -384,7 +428,7 @@ class ScalarModel(nn.Module):
         self.backbone, self.head = backbone, head
 
     @classmethod
-    def load(cls, path: str, zero_head_if_new: bool = True) -> ScalarModel:
+    def load(cls, path: str, zero_head_if_new: bool = True, dtype: torch.dtype = torch.float32) -> ScalarModel:
         from transformers import AutoConfig, AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
@@ -393,7 +437,7 @@ class ScalarModel(nn.Module):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "newly initialized score weights" is expected for a causal LM
         try:
-            seq = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+            seq = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
         finally:
             hf_logging.set_verbosity(verbosity)
         backbone = getattr(seq, seq.base_model_prefix)
@@ -403,7 +447,7 @@ class ScalarModel(nn.Module):
         if not is_classifier and zero_head_if_new:
             for p in head.parameters():
                 nn.init.zeros_(p)
-        return cls(backbone, head)
+        return cls(backbone, head.float())  # a few thousand weights: always float32, even on a bf16 backbone
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, last_n: int | None = None) -> torch.Tensor:
@@ -412,7 +456,7 @@ class ScalarModel(nn.Module):
                                use_cache=False).last_hidden_state
         if last_n is not None:
             hidden = hidden[:, -last_n:]
-        return self.head(hidden).squeeze(-1).float()
+        return self.head(hidden.to(next(self.head.parameters()).dtype)).squeeze(-1).float()
 
 
 class RewardModelReward:
@@ -423,7 +467,7 @@ class RewardModelReward:
     ``cai_reward.json`` when there is one."""
 
     def __init__(self, path: str, name: str, device: torch.device, batch_size: int = 16, max_length: int = 1024,
-                 autocast: Callable[[], Any] = nullcontext):
+                 autocast: Callable[[], Any] = nullcontext, dtype: torch.dtype = torch.float32):
         from transformers import AutoTokenizer
 
         meta_file = Path(path) / "cai_reward.json"
@@ -435,7 +479,7 @@ class RewardModelReward:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = ScalarModel.load(path).to(device).eval().requires_grad_(False)
+        self.model = ScalarModel.load(path, dtype=dtype).to(device).eval().requires_grad_(False)
 
     def text(self, prompt: Conversation, response: str) -> str:
         conversation = [{"role": m["role"], "content": m["content"]} for m in prompt]
@@ -461,7 +505,7 @@ class RewardModelReward:
 
 
 def load_reward(store: Store, spec: str, device: torch.device, autocast: Callable[[], Any] = nullcontext,
-                batch_size: int = 16) -> tuple[Reward, str, str | None]:
+                batch_size: int = 16, dtype: torch.dtype = torch.float32) -> tuple[Reward, str, str | None]:
     """(reward, reward id for the store, reward-model path or None) for a ``reward`` spec."""
     if spec.startswith("python:"):
         target = spec.removeprefix("python:")
@@ -491,7 +535,8 @@ def load_reward(store: Store, spec: str, device: torch.device, autocast: Callabl
 
         return JudgeReward(load_judge(spec.removeprefix("judge:")), name=spec), spec, None
     model_id, path = resolve_in_store(store, spec)
-    return RewardModelReward(path, model_id, device, batch_size=batch_size, autocast=autocast), model_id, path
+    return (RewardModelReward(path, model_id, device, batch_size=batch_size, autocast=autocast, dtype=dtype),
+            model_id, path)
 
 
 # --- tiny verifiable rewards, usable as python:cai.ppo:NAME ---------------------------------------
@@ -719,10 +764,11 @@ class PPOTrainer:
     benchmark), which do the store bookkeeping around it."""
 
     def __init__(self, cfg: PPOConfig, policy_path: str, ref_path: str, value_path: str, reward: Reward,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, dist: Dist | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
+        self.dist = dist or Dist()  # one process unless under `accelerate launch`
         self.device = device or pick_device(cfg.device)
         self.reward = reward
         if cfg.threads:
@@ -734,14 +780,35 @@ class PPOTrainer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id = self.tokenizer.pad_token_id
 
-        def load_lm(path: str) -> nn.Module:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
+        # Weights' dtype: float32 master weights for what AdamW updates in full; with LoRA the bases are
+        # frozen and load in bf16 on a bf16 GPU (load_dtype auto), the adapters stay float32 (peft). The
+        # reference takes the policy's dtype: rounded differently, it would show a KL before any update.
+        trained = load_dtype_for(cfg.load_dtype, self.device, trained=not cfg.lora)
 
-        # Actor, reference, critic. Every model stays in eval mode: no dropout, so the old log-probs
-        # recomputed here equal the ones the gradient sees in the first minibatch (ratio == 1).
-        self.policy = load_lm(policy_path).eval()
-        self.ref = load_lm(ref_path).eval().requires_grad_(False)
-        self.critic = ScalarModel.load(value_path).to(self.device).eval()
+        # Actor, reference, critic. No dropout anywhere (``remove_dropout``), so the old log-probs
+        # recomputed here equal the ones the gradient sees in the first minibatch (ratio == 1); the
+        # models sit in eval mode except during ``optimise`` (train mode is what makes transformers
+        # checkpoint activations, and with dropout gone it changes nothing else).
+        self.policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=trained)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
+        if cfg.lora:
+            self.policy = add_lora(self.policy, cfg, "CAUSAL_LM")
+        self.policy = remove_dropout(self.policy).to(self.device).eval()
+        # Reference: with LoRA on the starting weights it is the policy with its adapters disabled
+        # (``reference_logits``): no second copy in memory, which lets a 7B policy train on one device.
+        self.ref: nn.Module | None = None
+        if not (cfg.lora and ref_path == policy_path):
+            self.ref = remove_dropout(AutoModelForCausalLM.from_pretrained(ref_path, dtype=trained)).to(
+                self.device).eval().requires_grad_(False)
+        # Critic: its own backbone (by default the reward model's) with a float32 value head; under LoRA
+        # the backbone gets adapters too and the head stays fully trainable.
+        self.critic = ScalarModel.load(value_path, dtype=trained)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.critic.backbone)
+        if cfg.lora:
+            self.critic.backbone = add_lora(self.critic.backbone, cfg, None)
+        self.critic = remove_dropout(self.critic).to(self.device).eval()
         self._check_critic_vocab(value_path)
 
         eos = {self.tokenizer.eos_token_id}
@@ -826,7 +893,7 @@ class PPOTrainer:
                 lps.append(lp)
                 ents.append(ent)
                 del logits
-                ref_logits = response_logits(self.ref, mb, self.cfg.temperature)
+                ref_logits = self.reference_logits(mb)
                 ref_lps.append(token_logprobs(ref_logits, mb.responses))
                 del ref_logits
                 vals.append(response_values(self.critic, mb))
@@ -835,6 +902,13 @@ class PPOTrainer:
         batch.ref_logprobs = torch.cat(ref_lps) * m
         batch.values = torch.cat(vals) * m
         return batch, torch.cat(ents) * m
+
+    def reference_logits(self, mb: Batch) -> torch.Tensor:
+        """The reference's logits: its frozen copy, or (LoRA) the policy with its adapters switched off."""
+        if self.ref is None:
+            with self.policy.disable_adapter():
+                return response_logits(self.policy, mb, self.cfg.temperature)
+        return response_logits(self.ref, mb, self.cfg.temperature)
 
     # ---- 2. score --------------------------------------------------------------------------
     def shape_scores(self, raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
@@ -851,101 +925,161 @@ class PPOTrainer:
         return scores
 
     # ---- one PPO step ----------------------------------------------------------------------
+    def my_rows(self, n: int) -> tuple[int, int]:
+        """This process's rows [lo, hi) of an ``n``-row rollout batch: a contiguous block of whole
+        prompt groups (the config makes ``batch_size`` a multiple of processes x samples_per_prompt)."""
+        size = n // self.dist.world
+        return self.dist.rank * size, (self.dist.rank + 1) * size
+
+    def gather_rows(self, x: torch.Tensor, lo: int, n: int) -> torch.Tensor:
+        """Every process's rows of a per-row tensor, in batch order: (n, ...) on every process."""
+        if not self.dist.active:
+            return x
+        full = torch.zeros((n, *x.shape[1:]), dtype=torch.float64, device=x.device)
+        full[lo:lo + x.shape[0]] = x.double()
+        return self.dist.sum_tensor(full).to(x.dtype)
+
     def step(self, conversations: Sequence[Conversation], seed: int) -> tuple[dict[str, float], dict[str, Any]]:
-        """Rollout, score, advantages, optimise. Returns (metrics, details for samples)."""
+        """Rollout, score, advantages, optimise. Returns (metrics, details for samples).
+
+        Several processes: each rolls out, scores and trains on its block of ``conversations`` (rows
+        ``lo:hi``, sampled with the seeds one process would use for them with ``generation_batch_size``
+        = the block), while every statistic that mixes rows (reward normalisation, whitening, token
+        means, the KL controller, each minibatch's loss) is taken over the whole batch."""
         cfg = self.cfg
+        total: Total = self.dist.sum_tensor if self.dist.active else local
+        n_rows = len(conversations)
+        lo, hi = self.my_rows(n_rows)
+        mine = list(conversations[lo:hi])
         t0 = time.perf_counter()
         self.sampler.update_weights()
-        batch, has_eos, texts = self.rollout(conversations, seed)
+        batch, has_eos, texts = self.rollout(mine, seed + lo)
         self.sampler.sleep()  # vLLM sleep mode: scoring and training get its GPU memory until the next rollout
         t_gen = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        raw = torch.tensor(self.reward(conversations, texts), dtype=torch.float32, device=self.device)
+        my_raw = torch.tensor(self.reward(mine, texts), dtype=torch.float32, device=self.device)
         batch, entropy = self.experience(batch)
         t_score = time.perf_counter() - t1
         mask = batch.response_mask
+        # the whole batch's sequence-level numbers, on every process (a few floats per row)
+        raw = self.gather_rows(my_raw, lo, n_rows)
+        all_eos = self.gather_rows(has_eos.float(), lo, n_rows) > 0.5
+        lengths = self.gather_rows(mask.sum(1), lo, n_rows)
+        diverged = self.gather_rows(~(torch.isfinite(batch.logprobs).all(1) & torch.isfinite(batch.values).all(1)),
+                                    lo, n_rows)
         if not torch.isfinite(raw).all():
             raise FloatingPointError(f"the reward returned non-finite values: {raw.tolist()}")
-        if not (torch.isfinite(batch.logprobs).all() and torch.isfinite(batch.values).all()):
+        if diverged.any():
             raise FloatingPointError("non-finite log-probs or values in the rollout (the weights have diverged)")
 
         # 4. per-token rewards: KL penalty everywhere, the (shaped) sequence score at the last token.
-        scores = self.shape_scores(raw, has_eos)
+        scores = self.shape_scores(raw, all_eos)  # over the whole batch: the running moments see every row
         beta = self.kl_ctl.value
-        rewards, kl = per_token_rewards(scores, batch.logprobs, batch.ref_logprobs, mask, beta)
-        kl_per_seq = kl.sum(1)
-        # 5. GAE and whitening.
+        rewards, kl = per_token_rewards(scores[lo:hi], batch.logprobs, batch.ref_logprobs, mask, beta)
+        my_kl_per_seq = kl.sum(1)
+        kl_per_seq = self.gather_rows(my_kl_per_seq, lo, n_rows)
+        # 5. GAE (per row) and whitening (over every real token of the batch).
         advantages, returns = gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, mask, total=total)
         batch.advantages, batch.returns = advantages, returns
-        ev = explained_variance(batch.values, returns, mask)
+        ev = explained_variance(batch.values, returns, mask, total)
         rollout_stats = {
             "reward": raw.mean().item(), "reward_std": raw.std().item() if raw.numel() > 1 else 0.0,
             "score": scores.mean().item(), "kl": kl_per_seq.mean().item(), "kl_coef": beta,
             "non_score_reward": (-beta * kl_per_seq).mean().item(),
-            "entropy": masked_mean(entropy, mask).item(), "explained_variance": ev,
-            "response_length": mask.sum(1).mean().item(), "eos_fraction": has_eos.float().mean().item(),
-            "value_mean": masked_mean(batch.values, mask).item(), "return_mean": masked_mean(returns, mask).item(),
+            "entropy": masked_mean(entropy, mask, total).item(), "explained_variance": ev,
+            "response_length": lengths.mean().item(), "eos_fraction": all_eos.float().mean().item(),
+            "value_mean": masked_mean(batch.values, mask, total).item(),
+            "return_mean": masked_mean(returns, mask, total).item(),
         }
 
         # 6. optimisation: several epochs of shuffled minibatches.
         t2 = time.perf_counter()
-        train_stats = self.optimise(batch)
+        train_stats = self.optimise(batch, lengths, lo, seed)
         t_train = time.perf_counter() - t2
 
         # 7. adapt beta to the KL the rollouts showed.
-        self.kl_ctl.update(rollout_stats["kl"], len(conversations))
-        n_tokens = mask.sum().item()
-        total = time.perf_counter() - t0
+        self.kl_ctl.update(rollout_stats["kl"], n_rows)
+        n_tokens = lengths.sum().item()
+        elapsed = time.perf_counter() - t0
         metrics = {**rollout_stats, **train_stats,
                    "generation_seconds": t_gen, "scoring_seconds": t_score, "training_seconds": t_train,
-                   "step_seconds": total, "tokens_per_second": n_tokens / total,
+                   "step_seconds": elapsed, "tokens_per_second": n_tokens / elapsed,
                    "generation_tokens_per_second": n_tokens / t_gen if t_gen else float("nan")}
-        details = {"texts": texts, "raw": raw.tolist(), "kl": kl_per_seq.tolist(),
+        # this process's rows (rank 0's are the batch's first ones: what run_ppo stores as samples)
+        details = {"texts": texts, "raw": my_raw.tolist(), "kl": my_kl_per_seq.tolist(),
                    "lengths": mask.sum(1).long().tolist(), "has_eos": has_eos.tolist()}
         return metrics, details
 
-    def optimise(self, batch: Batch) -> dict[str, float]:
+    def optimise(self, batch: Batch, lengths: torch.Tensor, lo: int, seed: int) -> dict[str, float]:
         cfg = self.cfg
-        B = batch.input_ids.shape[0]
+        self.policy.train(cfg.gradient_checkpointing)  # train mode: activation checkpointing (no dropout to turn on)
+        self.critic.train(cfg.gradient_checkpointing)
+        try:
+            return self._optimise(batch, lengths, lo, seed)
+        finally:
+            self.policy.eval()  # generate() wants eval mode (its KV cache is off under checkpointing)
+            self.critic.eval()
+
+    def _optimise(self, batch: Batch, lengths: torch.Tensor, lo: int, seed: int) -> dict[str, float]:
+        """``ppo_epochs`` passes of shuffled minibatches over the whole batch (``lengths``: every row's
+        response tokens; this process holds rows ``lo:lo + len(batch)``). A minibatch's loss is its
+        token mean: each process back-propagates its rows' share (their token sum over the
+        minibatch's token count) and the gradients are summed, so the update is the one-process one."""
+        cfg = self.cfg
+        lengths = lengths.cpu()
+        B, mine = lengths.shape[0], batch.input_ids.shape[0]
+        trainable = [p for p in [*self.policy.parameters(), *self.critic.parameters()] if p.requires_grad]
         sums: dict[str, float] = {}
         n = 0
         stop_early = False
-        for _epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(B, device=self.device)
+        for epoch in range(cfg.ppo_epochs):
+            # A seeded order (not the global RNG, which sampling leaves in a different state on each process).
+            order = torch.randperm(B, generator=torch.Generator().manual_seed(seed * 31 + epoch))
             for start in range(0, B, cfg.minibatch_size):
-                mb = batch[order[start:start + cfg.minibatch_size]]
-                m = mb.response_mask
-                with self.autocast():
-                    logits = response_logits(self.policy, mb, cfg.temperature)
-                    new_logprobs = token_logprobs(logits, mb.responses)
-                    new_values = response_values(self.critic, mb)
-                pg_loss, pg_stats = policy_loss(new_logprobs, mb.logprobs, mb.advantages, m, cfg.clip_range)
-                vf_loss, vf_stats = value_loss(new_values, mb.values, mb.returns, m, cfg.value_clip_range)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if cfg.entropy_coef > 0:
-                    loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), m)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})")
+                rows = order[start:start + cfg.minibatch_size]
+                local_rows = rows[(rows >= lo) & (rows < lo + mine)] - lo
+                share = float(lengths[lo + local_rows].sum() / lengths[rows].sum().clamp(min=1))
+                # (one process: local_rows == rows and share == 1, the plain minibatch token mean)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                stats: dict[str, torch.Tensor | float] = {}
+                if len(local_rows):
+                    mb = batch[local_rows.to(self.device)]
+                    m = mb.response_mask
+                    with self.autocast():
+                        logits = response_logits(self.policy, mb, cfg.temperature)
+                        new_logprobs = token_logprobs(logits, mb.responses)
+                        new_values = response_values(self.critic, mb)
+                    pg_loss, pg_stats = policy_loss(new_logprobs, mb.logprobs, mb.advantages, m, cfg.clip_range)
+                    vf_loss, vf_stats = value_loss(new_values, mb.values, mb.returns, m, cfg.value_clip_range)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    if cfg.entropy_coef > 0:
+                        loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), m)
+                    if not torch.isfinite(loss) and not self.dist.active:  # (several: the summed gradient says)
+                        raise FloatingPointError(f"loss is {loss.item()} (policy {pg_loss.item()}, "
+                                                 f"value {vf_loss.item()})")
+                    (loss * share).backward()
+                    stats = {k: float(v.detach()) * share for k, v in
+                             {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items()}
+                stats = self.dist.sum_values({k: stats.get(k, 0.0) for k in MINIBATCH_STATS})
+                self.dist.sum_gradients(trainable)  # several processes: the whole minibatch's gradient on each
                 grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 value_grad_norm = nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
                 if not (torch.isfinite(grad_norm) and torch.isfinite(value_grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
                     raise FloatingPointError("gradient norm is not finite")
                 self.optimizer.step()
-                for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "grad_norm": grad_norm,
-                             "value_grad_norm": value_grad_norm, **pg_stats, **vf_stats}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                for k, v in {**stats, "grad_norm": float(grad_norm), "value_grad_norm": float(value_grad_norm)}.items():
+                    sums[k] = sums.get(k, 0.0) + v
                 n += 1
-                if cfg.target_approx_kl is not None and pg_stats["approx_kl"] > cfg.target_approx_kl:
+                if cfg.target_approx_kl is not None and stats["approx_kl"] > cfg.target_approx_kl:
                     stop_early = True
                     break
             if stop_early:
                 break
+        self.optimizer.zero_grad(set_to_none=True)
         out = {k: v / max(n, 1) for k, v in sums.items()}
         out["minibatch_updates"] = float(n)
         return out
@@ -970,8 +1104,14 @@ class PPOTrainer:
         final = root / f"step-{step:06d}"
         tmp = root / f".step-{step:06d}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp / "policy", safe_serialization=True)
-        torch.save({"critic": self.critic.state_dict(), "optimizer": self.optimizer.state_dict(),
+        if self.cfg.lora:  # only what trains (adapters, the value head): the frozen bases are the starting models
+            tmp.mkdir(parents=True)
+            policy_state, critic_state = trainable_state(self.policy), trainable_state(self.critic)
+            torch.save(policy_state, tmp / "policy_adapters.pt")
+        else:
+            self.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+            critic_state = self.critic.state_dict()
+        torch.save({"critic": critic_state, "optimizer": self.optimizer.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({
             "step": step, "kl_coef": self.kl_ctl.value, "reward_stats": self.reward_stats.state(), **extra},
@@ -984,6 +1124,28 @@ class PPOTrainer:
         return final
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        if self.cfg.lora:
+            self._load_adapters(path)
+        else:
+            self._load_policy(path)
+        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=True)
+        self.critic.load_state_dict(state["critic"], strict=not self.cfg.lora)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        meta = json.loads((path / "state.json").read_text())
+        self.kl_ctl.value = meta["kl_coef"]
+        self.reward_stats.load(meta["reward_stats"])
+        return meta
+
+    def _load_adapters(self, path: Path) -> None:
+        weights = torch.load(path / "policy_adapters.pt", map_location=self.device, weights_only=True)
+        missing = set(trainable_state(self.policy)) - set(weights)
+        if missing:
+            raise RuntimeError(f"checkpoint {path} does not match the policy's adapters: missing {sorted(missing)[:3]}")
+        self.policy.load_state_dict(weights, strict=False)
+
+    def _load_policy(self, path: Path) -> None:
         from safetensors.torch import load_file
 
         weights = {}
@@ -995,15 +1157,14 @@ class PPOTrainer:
             raise RuntimeError(f"checkpoint {path} does not match the policy: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
         self.policy.tie_weights()
-        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=True)
-        self.critic.load_state_dict(state["critic"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        meta = json.loads((path / "state.json").read_text())
-        self.kl_ctl.value = meta["kl_coef"]
-        self.reward_stats.load(meta["reward_stats"])
-        return meta
+
+    def final_policy(self) -> nn.Module:
+        """The policy to save: a plain transformers model (LoRA adapters merged into their base)."""
+        return self.policy.merge_and_unload() if self.cfg.lora else self.policy
+
+
+# What each minibatch reports (token means over the minibatch, summed over the processes' shares).
+MINIBATCH_STATS = ("policy_loss", "value_loss", "clip_frac", "approx_kl", "ratio", "value_clip_frac")
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -1065,23 +1226,32 @@ def _sample_rows(run_id: str, model_id: str, step: int, split: str, prompts: lis
 
 
 def run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None = None, progress: bool = True,
-            plot: bool = True) -> dict[str, Any]:
+            plot: bool = True, stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train a policy with PPO on the store's prompts; returns a summary.
 
     ``reward`` overrides ``cfg.reward`` with a live object (a Python function reward in tests).
+    ``stop_after_steps``: checkpoint and return after this many steps (the same call resumes).
     Raises ``PPOError`` when training stops on NaN/inf or a KL blow-up.
+
+    Under `accelerate launch` (``WORLD_SIZE`` > 1) each process rolls out and trains on its block of
+    every batch (``PPOTrainer.step``); rank 0 alone evaluates, writes to the store and saves.
     """
     with sigterm_as_interrupt():  # a `kill` marks the run 'interrupted' (resumable), like Ctrl-C
-        return _run_ppo(store, cfg, reward=reward, progress=progress, plot=plot)
+        return _run_ppo(store, cfg, reward=reward, progress=progress, plot=plot, stop_after_steps=stop_after_steps)
 
 
-def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: bool, plot: bool) -> dict[str, Any]:
+def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: bool, plot: bool,
+             stop_after_steps: int | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from cai.generate import select_prompts
 
     started = time.time()
-    device = pick_device(cfg.device)
+    dist = Dist()  # under `accelerate launch`: this process's rank; rank 0 alone writes to the store and disk
+    if cfg.batch_size % (dist.world * cfg.samples_per_prompt):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of processes x samples_per_prompt "
+                         f"({dist.world} x {cfg.samples_per_prompt})")
+    device = dist.device_for(cfg.device)
     policy_id, policy_path = resolve_in_store(store, cfg.policy)
     ref_id, ref_path = resolve_in_store(store, cfg.ref) if cfg.ref else (policy_id, policy_path)
 
@@ -1094,7 +1264,8 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
             reward = FunctionReward(reward, name=getattr(reward, "name", None))
         reward_id = reward.name
     elif cfg.reward:
-        reward, reward_id, reward_path = load_reward(store, cfg.reward, device, autocast, cfg.forward_batch_size)
+        reward, reward_id, reward_path = load_reward(store, cfg.reward, device, autocast, cfg.forward_batch_size,
+                                                     dtype=load_dtype_for(cfg.load_dtype, device))
     else:
         raise ValueError("PPO needs a reward: --reward MODEL (a reward model id or folder), judge:SPEC, "
                          "or python:module:function")
@@ -1120,7 +1291,7 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
             return {"model_id": model_id, "path": done[0]["path"], "already_trained": True}
 
     # ---- prompts -------------------------------------------------------------------------------
-    trainer = PPOTrainer(cfg, policy_path, ref_path, value_path, reward, device)
+    trainer = PPOTrainer(cfg, policy_path, ref_path, value_path, reward, device, dist)
     prompts = [p for p in selected if trainer.prompt_length(p["messages"]) <= cfg.max_prompt_tokens]
     if len(prompts) < 1:
         raise LookupError(f"no {cfg.split or ''} prompts in {store.path} (of at most {cfg.max_prompt_tokens} "
@@ -1133,11 +1304,13 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
     # ---- resume or start -----------------------------------------------------------------------
     start_step, run_id = 0, None
     ckpt = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if not cfg.resume:
+    if not cfg.resume and dist.main:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     if ckpt is not None:
         meta = trainer.load_checkpoint(ckpt)
         start_step, run_id = meta["step"] + 1, meta["run_id"]
+    dist.barrier()  # every rank has read the store and the checkpoint before rank 0 writes
+    if ckpt is not None and dist.main:
         with store.write() as con:  # forget what the crashed run logged after its checkpoint
             con.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, meta["step"]])
             con.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", [run_id, meta["step"]])
@@ -1146,13 +1319,13 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
         runs.attach(store, run_id)  # this process owns the resumed run now (heartbeat, SIGTERM)
     if run_id is None:
         run_id = store.start_run("ppo", {**cfg.model_dump(), **{f"{k}_id": v for k, v in ids.items()},
-                                         "model_id": model_id})
+                                         "model_id": model_id, "processes": dist.world}) if dist.main else ""
     summary: dict[str, Any] = {"run_id": run_id, "model_id": model_id, "train_prompts": len(prompts),
                                "eval_prompts": len(eval_prompts), "resumed_from_step": start_step or None,
                                "engine": trainer.sampler.name, "device": str(device)}
 
     def evaluate(step: int) -> dict[str, float]:
-        if not eval_prompts:
+        if not eval_prompts or not dist.main:  # rank 0 evaluates; the others wait at the next all-reduce
             return {}
         # The same prompts and sampling seed at every evaluation, so the curve moves with the policy only.
         repeated = [p for p in eval_prompts for _ in range(cfg.eval_samples_per_prompt)]
@@ -1163,14 +1336,18 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
         return m
 
     last_ckpt = ckpt
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="ppo", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="ppo", unit="step", disable=not progress or not dist.main)
     step = start_step
     try:
         if start_step == 0:
             first_eval = evaluate(0)
             if first_eval:
                 summary["eval_reward_start"] = first_eval["reward"]
+        stopped_at = None
         for step in range(start_step, cfg.steps):
+            if stop_after_steps is not None and step - start_step >= stop_after_steps:
+                stopped_at = step
+                break
             # batch_size / k prompts, each k times in a row (k = samples_per_prompt; the group baseline
             # relies on that order).
             k = cfg.samples_per_prompt
@@ -1180,10 +1357,12 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
                 metrics, details = trainer.step([p["messages"] for p in chosen], seed=cfg.seed * 100003 + step)
             except FloatingPointError as e:
                 raise PPOError(f"PPO step {step}: {e}", last_ckpt) from e
-            store.insert("metrics", _metric_rows(run_id, model_id, step, "train", metrics))
-            if cfg.num_samples and (step % cfg.sample_every == 0 or step == cfg.steps - 1):
-                store.insert("samples", _sample_rows(run_id, model_id, step, "train", chosen, details,
-                                                     cfg.num_samples))
+            if dist.main:
+                store.insert("metrics", _metric_rows(run_id, model_id, step, "train", metrics))
+            if dist.main and cfg.num_samples and (step % cfg.sample_every == 0 or step == cfg.steps - 1):
+                # details hold this process's rows: rank 0's are the batch's first ones
+                store.insert("samples", _sample_rows(run_id, model_id, step, "train", chosen[:len(details["texts"])],
+                                                     details, cfg.num_samples))
             if metrics["kl"] > cfg.max_kl:
                 raise PPOError(f"PPO step {step}: KL to the reference blew up ({metrics['kl']:.2f} nats > max_kl "
                                f"{cfg.max_kl}); lower the learning rate or raise kl_coef", last_ckpt)
@@ -1192,8 +1371,15 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
             bar.update(1)
             if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 evaluate(step + 1)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps) and dist.main:
                 last_ckpt = trainer.save_checkpoint(ckpt_root, step, {"run_id": run_id, "model_id": model_id})
+        if stopped_at is not None:  # stopped part-way on purpose: a checkpoint to resume from
+            bar.close()
+            if dist.main:
+                trainer.save_checkpoint(ckpt_root, stopped_at - 1, {"run_id": run_id, "model_id": model_id})
+                store.finish_run(run_id, "stopped", {**summary, "stopped_at_step": stopped_at})
+            dist.barrier()
+            return {**summary, "finished": False, "stopped_at_step": stopped_at}
         final_eval = evaluate(cfg.steps)
         if final_eval:
             summary["eval_reward_end"] = final_eval["reward"]
@@ -1202,15 +1388,20 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
     except BaseException as e:
         bar.close()
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        store.finish_run(run_id, status, {**summary, "failed_at_step": step,
-                                          "last_checkpoint": str(last_ckpt) if last_ckpt else None}, error=str(e))
+        if dist.main:
+            store.finish_run(run_id, status, {**summary, "failed_at_step": step,
+                                              "last_checkpoint": str(last_ckpt) if last_ckpt else None},
+                             error=str(e))
         raise
     bar.close()
+    if not dist.main:  # rank 0 saves and registers the model
+        dist.barrier()
+        return {**summary, "rank": dist.rank}
 
     # ---- the final policy: a plain Hugging Face checkpoint, registered with its parents --------
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.policy.save_pretrained(tmp, safe_serialization=True)
+    trainer.final_policy().save_pretrained(tmp, safe_serialization=True)
     trainer.tokenizer.save_pretrained(tmp)
     hyper = {**cfg.model_dump(), "final_kl_coef": trainer.kl_ctl.value}
     (tmp / "cai_ppo.json").write_text(json.dumps({"model_id": model_id, "run_id": run_id, "parents": ids,
@@ -1239,4 +1430,5 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
         summary["plot"] = str(png)
     shutil.rmtree(ckpt_root, ignore_errors=True)  # the final model supersedes the checkpoints
     store.finish_run(run_id, "ok", summary)
+    dist.barrier()
     return summary

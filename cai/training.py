@@ -1,4 +1,5 @@
-"""What the supervised trainers (``cai/sft.py``, ``cai/reward.py``) share: the optimisation config,
+"""What the supervised trainers (``cai/sft.py``, ``cai/reward.py``) share (DPO and PPO use the LoRA /
+gradient-checkpointing / dtype helpers, checkpoints and ``Dist`` too): the optimisation config,
 device and precision choice, AdamW with a warm-up + cosine schedule, a seeded data order,
 checkpoints that resume bit for bit, a buffered metrics writer and the prompt-level train/val split.
 
@@ -35,7 +36,29 @@ RUNTIME_FIELDS = {"model_id", "output_dir", "eval_every", "save_every", "keep_ch
 SAFE_MODEL_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-class TrainingConfig(BaseModel):
+def check_model_id(v: str | None) -> str | None:
+    # The id names a folder under <db folder>/models that a retrain deletes recursively: no path tricks.
+    if v is not None and not SAFE_MODEL_ID.fullmatch(v):
+        raise ValueError(f"{v!r} is not a usable model id: use letters, digits, '.', '_' and '-' only, "
+                         "starting with a letter or digit, and no '..'")
+    return v
+
+
+class AdapterOptions(BaseModel):
+    """LoRA and gradient checkpointing: the same fields (and meaning) in every trainer's config
+    (SFT and the reward model through ``TrainingConfig``, DPO and PPO directly)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora: bool = Field(False, description="Train LoRA adapters instead of every weight (merged into the saved model).")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | str = "all-linear"
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory).")
+
+
+class TrainingConfig(AdapterOptions):
     """Fields every supervised trainer has. A trainer's config subclasses it, adds its data fields
     and may change a default (e.g. ``batch_size``)."""
 
@@ -49,11 +72,7 @@ class TrainingConfig(BaseModel):
     @field_validator("model_id")
     @classmethod
     def _safe_model_id(cls, v: str | None) -> str | None:
-        # The id names a folder under <db folder>/models that a retrain deletes recursively: no path tricks.
-        if v is not None and not SAFE_MODEL_ID.fullmatch(v):
-            raise ValueError(f"{v!r} is not a usable model id: use letters, digits, '.', '_' and '-' only, "
-                             "starting with a letter or digit, and no '..'")
-        return v
+        return check_model_id(v)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts held out for validation.")
     max_length: int = Field(1024, ge=8, description="Tokens per sequence (prompt loses tokens first).")
     # --- optimisation ---
@@ -69,13 +88,7 @@ class TrainingConfig(BaseModel):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps (overrides epochs; data repeats).")
     seed: int = 0
-    # --- model ---
-    lora: bool = False
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    lora_target_modules: list[str] | str = "all-linear"
-    gradient_checkpointing: bool = False
+    # --- model (lora, lora_r, ..., gradient_checkpointing: AdapterOptions) ---
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on a GPU that supports it, float32 elsewhere.")
     device: str | None = Field(None, description="cuda, cpu, ... (default: cuda if available).")
@@ -167,6 +180,54 @@ def autocast_for(cfg: TrainingConfig, device: torch.device) -> Callable[[], Abst
     if use_bf16(cfg, device):
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext
+
+
+LoadDtype = Literal["auto", "float32", "bfloat16"]
+
+
+def load_dtype_for(name: LoadDtype, device: torch.device, *, trained: bool = False) -> torch.dtype:
+    """The dtype weights are loaded in. ``auto``: bfloat16 on a CUDA device that supports it, float32
+    elsewhere (CPU tests stay float32) and for weights AdamW updates in full (``trained``): a bf16
+    weight cannot take a 1e-6 step (its precision is ~4e-3 relative), so full fine-tuning keeps
+    float32 master weights unless ``bfloat16`` is asked for. Frozen weights (a reward model, the base
+    under LoRA adapters) load in bf16 on such GPUs: half the memory. (DPO and PPO load a separate
+    reference in the policy's dtype, so the two agree before training.)"""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    bf16_ok = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16_ok and not trained else torch.float32
+
+
+def add_lora(model: torch.nn.Module, opts: AdapterOptions, task_type: str | None) -> torch.nn.Module:
+    """Wrap ``model`` in peft LoRA adapters (``task_type`` None: a bare backbone, e.g. a critic's);
+    with gradient checkpointing the inputs must require grad, or the frozen base would cut the graph."""
+    from peft import LoraConfig, get_peft_model
+
+    if opts.gradient_checkpointing:
+        model.enable_input_require_grads()
+    config = LoraConfig(task_type=task_type, r=opts.lora_r, lora_alpha=opts.lora_alpha,
+                        lora_dropout=opts.lora_dropout, target_modules=opts.lora_target_modules)
+    return get_peft_model(model, config)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass. transformers only does it while the
+    model is in train mode; the RL trainers pair this with ``remove_dropout`` so train mode changes
+    nothing else."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def remove_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout to p = 0 (LoRA's included): DPO and PPO compare log-probs of the same tokens
+    across forward passes (old vs new policy, policy vs reference), which dropout would make noisy."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # functional dropout in attention
+            module.attention_dropout = 0.0
+    return model
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
@@ -346,10 +407,15 @@ class Dist:
         return self.world > 1
 
     def device(self, cfg: TrainingConfig) -> torch.device:
-        if self.active and torch.cuda.is_available() and not cfg.device:
+        return self.device_for(cfg.device)
+
+    def device_for(self, requested: str | None) -> torch.device:
+        """``requested`` (None or "auto": cuda if available), one GPU per process when several run."""
+        auto = requested in (None, "auto")
+        if self.active and torch.cuda.is_available() and auto:
             torch.cuda.set_device(self.local_rank)
             return torch.device("cuda", self.local_rank)
-        return pick_device(cfg)
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else requested)
 
     def mine(self, items: list[T]) -> list[T]:
         """This process's share of one step's examples."""
@@ -369,14 +435,36 @@ class Dist:
             p.grad = flat[offset:offset + n].view_as(g).clone()
             offset += n
 
-    def sum(self, value: float) -> float:
-        if not self.active:
-            return value
+    def _reduce_device(self) -> torch.device:
+        """Where a statistic goes to be all-reduced: NCCL only reduces CUDA tensors, gloo CPU ones."""
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.float64)
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+
+    def sum(self, value: float) -> float:
+        return self.sum_values({"value": value})["value"]
+
+    def sum_values(self, values: dict[str, float]) -> dict[str, float]:
+        """Each key summed over the processes (one all-reduce)."""
+        if not self.active or not values:
+            return values
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self._reduce_device())
         dist.all_reduce(t)
-        return float(t.item())
+        return dict(zip(keys, t.tolist(), strict=True))
+
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the processes (reduced in float64, returned in ``t``'s dtype and device)."""
+        if not self.active:
+            return t
+        import torch.distributed as dist
+
+        out = t.detach().to(self._reduce_device(), torch.float64)
+        dist.all_reduce(out)
+        return out.to(t.device, t.dtype)
 
     def barrier(self) -> None:
         if self.active:

@@ -100,3 +100,63 @@ def test_dpo_loss_falls_and_margin_rises_with_soft_labels(store, tiny_policy_dir
     assert row["kind"] == "policy" and row["parent_ids"] == [policy_id, policy_id]
     assert json.loads(row["params"])["label_mode"] == label_mode
     assert Path(row["path"], "model.safetensors").exists() and Path(summary["plot"]).exists()
+
+
+def test_dpo_lora_trains_with_the_policy_as_its_own_reference(store, tiny_policy_dir, one_thread, monkeypatch):
+    """lora + gradient checkpointing: the margin rises, one model is ever loaded (the reference is the
+    policy with its adapters disabled), and the saved folder is a plain merged model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    questions = ["How do I boil an egg?", "What is a prime number?", "Explain rain.", "How do plants grow?"]
+    add_pairs(store, [(q, POLITE[i % 3], RUDE[i % 3], 0.9, "train") for i, q in enumerate(questions)])
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0])
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    cfg = DPOConfig(policy=str(tiny_policy_dir), lora=True, lora_r=8, gradient_checkpointing=True, epochs=6,
+                    batch_size=4, micro_batch_size=2, learning_rate=2e-2, beta=0.1, seed=0)
+    summary = run_dpo(store, cfg, progress=False, plot=False)
+    assert len(loads) == 1, loads  # no second copy for the reference
+    assert "adapters disabled" in summary["reference"]
+
+    def curve(name):
+        return [r["value"] for r in store.query(
+            "SELECT value FROM metrics WHERE run_id = ? AND name = ? AND split = 'train' ORDER BY step",
+            [summary["run_id"], name])]
+
+    # step 1 runs before any update: the adapted policy (LoRA's B starts at 0) equals its reference
+    assert abs(curve("chosen_reward")[0]) < 1e-4 and abs(curve("rejected_reward")[0]) < 1e-4
+    margin = curve("logp_margin")
+    assert margin[-1] > margin[0] + 1.0, margin
+    saved = load_file(str(Path(summary["path"]) / "model.safetensors"))
+    base = load_file(str(Path(tiny_policy_dir) / "model.safetensors"))
+    assert not any("lora" in k for k in saved) and set(saved) == set(base)  # merged: a plain model
+    assert any(not torch.equal(saved[k], base[k]) for k in base)
+
+
+def test_dpo_cli_validates_the_new_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    result = CliRunner().invoke(app, ["dpo", "--db", str(tmp_path / "x.duckdb"), "--load-dtype", "float16"])
+    assert result.exit_code != 0 and "load_dtype" in result.output
+    result = CliRunner().invoke(app, ["dpo", "--db", str(tmp_path / "x.duckdb"), "--model-id", "../up"])
+    assert result.exit_code != 0 and "model id" in result.output
+    cfg = DPOConfig(lora=True, gradient_checkpointing=True, load_dtype="bfloat16", num_processes=2)
+    assert cfg.lr == 1e-5 and DPOConfig().lr == 1e-6  # LoRA's default learning rate is higher
+    assert cfg.identity() == DPOConfig(lora=True, gradient_checkpointing=True, load_dtype="bfloat16").identity()
+
+
+def test_load_dtype_auto_is_float32_on_cpu_and_explicit_choices_win():
+    from cai.training import load_dtype_for
+
+    cpu = torch.device("cpu")
+    assert load_dtype_for("auto", cpu) == torch.float32 and load_dtype_for("auto", cpu, trained=True) == torch.float32
+    assert load_dtype_for("bfloat16", cpu, trained=True) == torch.bfloat16
+    assert load_dtype_for("float32", torch.device("cuda")) == torch.float32

@@ -432,3 +432,73 @@ def test_vllm_rollout_memory_fraction_and_sleep_mode_from_the_config(caplog):
     sampler.sleep_mode, calls[:] = False, []  # not supported here: sleeping is a no-op
     sampler.sleep()
     assert calls == [] and not sampler.asleep
+
+
+def test_ppo_lora_gradient_checkpointing_one_policy_copy_resume_and_a_plain_saved_model(
+        prompt_store, tiny_policy_dir, tiny_reward_dir, one_thread, monkeypatch):
+    """lora + gradient checkpointing on the actor and the critic: the reference is the policy with its
+    adapters off (one causal LM loaded), a run stopped by a fault resumes from its adapter checkpoint,
+    and the saved policy is a plain merged model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0])
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    cfg = PPOConfig(policy=str(tiny_policy_dir), value_model=str(tiny_reward_dir), lora=True, lora_r=4,
+                    gradient_checkpointing=True, steps=3, batch_size=4, minibatch_size=2, ppo_epochs=1,
+                    max_new_tokens=4, temperature=1.0, eval_split=None, save_every=2, learning_rate=1e-3)
+    tr = PPOTrainer(cfg, cfg.policy, cfg.policy, cfg.value_model, reward_spaces)
+    assert tr.ref is None and len(loads) == 1  # no second copy for the reference
+    batch, _, _ = tr.rollout([[{"role": "user", "content": "Hi"}]] * 2, seed=1)
+    batch, _ = tr.experience(batch)
+    assert torch.equal(batch.logprobs, batch.ref_logprobs)  # adapters off == the starting policy (B = 0)
+    head = {id(p) for p in tr.critic.head.parameters()}
+    assert any(p.requires_grad and id(p) not in head for p in tr.critic.parameters())  # critic adapters train
+    assert not any(p.requires_grad for p in tr.critic.backbone.base_model.model.embed_tokens.parameters())
+
+    with pytest.raises(PPOError, match="last good checkpoint is .*step-000001"):
+        run_ppo(prompt_store, cfg, reward=FailsAt(2), progress=False, plot=False)
+    summary = run_ppo(prompt_store, cfg, reward=FailsAt(None), progress=False, plot=False)
+    assert summary["resumed_from_step"] == 2
+    saved = load_file(str(Path(summary["path"]) / "model.safetensors"))
+    base = load_file(str(Path(tiny_policy_dir) / "model.safetensors"))
+    assert set(saved) == set(base) and any(not torch.equal(saved[k], base[k]) for k in base)
+    AutoModelForCausalLM.from_pretrained(summary["path"])
+
+
+def test_ppo_config_refuses_uneven_process_shares_and_lora_with_vllm():
+    with pytest.raises(ValueError, match="multiple of num_processes x samples_per_prompt"):
+        PPOConfig(num_processes=3, batch_size=16, samples_per_prompt=4)
+    with pytest.raises(ValueError, match="num_processes > 1 with rollout_engine vllm"):
+        PPOConfig(num_processes=2, rollout_engine="vllm")
+    assert PPOConfig(num_processes=2, batch_size=16, samples_per_prompt=4).num_processes == 2
+    with pytest.raises(ValueError, match="vllm cannot load LoRA"):
+        PPOConfig(lora=True, rollout_engine="vllm")
+    assert PPOConfig(lora=True, gradient_checkpointing=True, load_dtype="bfloat16").load_dtype == "bfloat16"
+
+
+def test_run_file_and_cli_take_the_scale_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+    from cai.pipeline import load_pipeline
+    from cai.yamlio import SpecError
+
+    f = tmp_path / "p.yaml"
+    f.write_text("stages: [dpo]\ndpo:\n  lora: true\n  gradient_checkpointing: true\n  load_dtype: bfloat16\n"
+                 "  num_processes: 2\nppo:\n  lora: true\n  gradient_checkpointing: true\n")
+    cfg = load_pipeline(f)
+    assert cfg.dpo.lora and cfg.dpo.num_processes == 2 and cfg.dpo.load_dtype == "bfloat16" and cfg.ppo.lora
+    f.write_text("stages: [ppo]\nppo:\n  num_processes: 3\n")
+    with pytest.raises(SpecError, match="multiple of num_processes x samples_per_prompt"):
+        load_pipeline(f)
+    out = CliRunner().invoke(app, ["ppo", "--db", str(tmp_path / "x.duckdb"), "--lora", "--gradient-checkpointing",
+                                   "--num-processes", "3"])
+    assert out.exit_code == 1 and "multiple of num_processes" in out.output
+    assert not (tmp_path / "x.duckdb").exists()  # nothing written

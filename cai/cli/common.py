@@ -162,3 +162,13 @@ def is_main_process() -> bool:
     import os
 
     return os.environ.get("RANK", "0") == "0"
+
+
+LoraOption = Annotated[bool | None, typer.Option("--lora/--full", help=(
+    "LoRA adapters (merged into the saved model; the reference is the policy with them disabled) or "
+    "full fine-tuning."))]
+GradientCheckpointingOption = Annotated[bool | None, typer.Option(
+    "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in the backward pass.")]
+LoadDtypeOption = Annotated[str | None, typer.Option(
+    help="Weights' dtype: auto (bfloat16 on a bf16 GPU for frozen/LoRA-base weights, float32 otherwise) | "
+         "float32 | bfloat16.")]

@@ -10,6 +10,10 @@ import typer
 from cai.cli.common import (
     ConfigFileOption,
     DbOption,
+    GradientCheckpointingOption,
+    LoadDtypeOption,
+    LoraOption,
+    NumProcessesOption,
     SetOption,
     _store,
     _train_config,
@@ -17,6 +21,8 @@ from cai.cli.common import (
     console,
     err,
     fail,
+    is_main_process,
+    relaunch_under_accelerate,
 )
 from cai.store import StoreLockedError
 
@@ -47,6 +53,12 @@ def ppo(db: DbOption = None,
         threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
         seed: int | None = None,
         resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of the same setup.")] = True,
+        lora: LoraOption = None,
+        gradient_checkpointing: GradientCheckpointingOption = None,
+        load_dtype: LoadDtypeOption = None,
+        stop_after: Annotated[int | None, typer.Option(help="Checkpoint and stop after this many steps; the "
+                                                            "same command resumes.")] = None,
+        num_processes: NumProcessesOption = None,
         sets: SetOption = None,
         config: ConfigFileOption = None) -> None:
     """Fine-tune a policy with PPO against a reward model (or judge / Python reward)."""
@@ -60,13 +72,17 @@ def ppo(db: DbOption = None,
         "learning_rate": learning_rate,
         "kl_coef": kl_coef, "missing_eos_penalty": missing_eos_penalty, "limit": limit,
         "rollout_engine": engine, "device": device, "dtype": dtype, "threads": threads, "seed": seed,
-        "target_kl": target_kl, "resume": resume}, sets, config)
+        "target_kl": target_kl, "resume": resume, "lora": lora, "gradient_checkpointing": gradient_checkpointing,
+        "load_dtype": load_dtype, "num_processes": num_processes}, sets, config)
+    relaunch_under_accelerate(num_processes or (cfg.num_processes if cfg.num_processes > 1 else None))
     try:
-        summary = run_ppo(_store(db), cfg)
+        summary = run_ppo(_store(db), cfg, stop_after_steps=stop_after)
     except PPOError as e:
         fail(f"training stopped: {e}")
     except (ModelNotFoundError, LookupError, ValueError, NotImplementedError, StoreLockedError) as e:
         fail(str(e))
+    if not is_main_process():
+        return
     console.print_json(json.dumps(summary, default=str))
     if "eval_reward_gain" in summary:
         err.print(f"held-out reward {summary['eval_reward_start']:.4f} -> {summary['eval_reward_end']:.4f}: "
@@ -95,6 +111,16 @@ def dpo(db: DbOption = None,
         device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
         threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
         seed: int | None = None,
+        model_id: Annotated[str | None, typer.Option(help="Id for the new model (default: dpo-<hash>).")] = None,
+        output_dir: Annotated[str | None, typer.Option(help="Models folder (default: models/ beside the store).")]
+        = None,
+        lora: LoraOption = None,
+        gradient_checkpointing: GradientCheckpointingOption = None,
+        load_dtype: LoadDtypeOption = None,
+        save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+        stop_after: Annotated[int | None, typer.Option(help="Checkpoint and stop after this many steps; the "
+                                                            "same command resumes.")] = None,
+        num_processes: NumProcessesOption = None,
         sets: SetOption = None,
         config: ConfigFileOption = None) -> None:
     """Fine-tune a policy with DPO on the `preferences` view (soft labels as smoothing or weights)."""
@@ -105,11 +131,16 @@ def dpo(db: DbOption = None,
         "policy": policy, "ref": ref, "beta": beta, "label_mode": label_mode, "epochs": epochs,
         "batch_size": batch_size, "micro_batch_size": micro_batch_size, "learning_rate": learning_rate,
         "judge_name": judge, "pair_kind": pair_kind, "limit": limit, "device": device, "threads": threads,
-        "seed": seed}, sets, config)
+        "seed": seed, "model_id": model_id, "output_dir": output_dir, "lora": lora,
+        "gradient_checkpointing": gradient_checkpointing, "load_dtype": load_dtype, "save_every": save_every},
+        sets, config)
+    relaunch_under_accelerate(num_processes or (cfg.num_processes if cfg.num_processes > 1 else None))
     try:
-        summary = run_dpo(_store(db), cfg)
+        summary = run_dpo(_store(db), cfg, stop_after_steps=stop_after)
     except FloatingPointError as e:
         fail(f"training stopped: {e}")
-    except (ModelNotFoundError, LookupError, ValueError, StoreLockedError) as e:
+    except (ModelNotFoundError, LookupError, ValueError, RuntimeError, StoreLockedError) as e:
         fail(str(e))
+    if not is_main_process():
+        return
     console.print_json(json.dumps(summary, default=str))
