@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cai.models import DEFAULT_MODEL, resolve_in_store
+from cai.models import DEFAULT_MODEL, register_sources, resolve_in_store
 from cai.ppo import Batch, models_root, pick_device, response_logits, token_logprobs
 from cai.store import Store, content_hash, now
 from cai.training import sigterm_as_interrupt
@@ -292,6 +292,7 @@ def _run_dpo(store: Store, cfg: DPOConfig, *, progress: bool, plot: bool) -> dic
                                                   "params": cfg.model_dump()}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
+    register_sources(store, (policy_id, policy_path), (ref_id, ref_path))
     store.register_model(model_id, "policy", str(out_dir), base_model_id=policy_id, parent_ids=[policy_id, ref_id],
                          params=cfg.model_dump(),
                          data_snapshot={"train_pairs": len(train), "comparison_ids_hash": data_hash,

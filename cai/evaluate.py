@@ -126,17 +126,9 @@ def _model_row(store: Store, model_id: str) -> dict[str, Any] | None:
 
 
 def resolve_model(store: Store, name: str) -> tuple[str, str]:
-    """(store model id, loadable path). A folder that the store knows under an id gets that id."""
-    model_id, path = resolve_in_store(store, name)
-    if model_id == path and Path(path).exists():
-        rows = store.query("SELECT model_id, path FROM models WHERE path IS NOT NULL ORDER BY created_at DESC")
-        for r in rows:
-            try:
-                if Path(r["path"]).resolve() == Path(path).resolve():
-                    return r["model_id"], path
-            except OSError:
-                continue
-    return model_id, path
+    """(store model id, loadable path). A folder that the store knows under an id gets that id
+    (``resolve_in_store`` maps a cai-trained model's folder to its id, any other folder to its content id)."""
+    return resolve_in_store(store, name)
 
 
 def newest_policy(store: Store) -> str:
