@@ -360,7 +360,7 @@ def _fault_run(stage_args: list[str], base: Path, where: Path, fault: str) -> St
     db = _copy(base, where)
     t0 = time.time()
     killed = _cai(stage_args, db, fault=fault)
-    print(f"killed {stage_args[0]} after {time.time() - t0:.1f} s")
+    print(f"killed {stage_args[0]} after {time.time() - t0:.1f} s")  # shown with -s: where the time goes
     assert killed.returncode != 0, killed.stdout[-2000:]
     return Store(db)
 
@@ -474,23 +474,25 @@ def test_ppo_killed_midway_resumes_its_run_from_the_checkpoint_to_the_uninterrup
     _same_weights(done["path"], ref["path"])
 
 
-def test_evaluate_killed_while_judging_resumes_to_the_uninterrupted_evaluation(
+def test_evaluate_killed_midway_resumes_to_the_uninterrupted_evaluation(
         tmp_path, tiny_policy_dir, train_base, one_torch_thread):
     from cai.evaluate import EvaluateConfig, run_evaluate
     from cai.testing import build_tiny_model
 
     other = build_tiny_model(tmp_path / "baseline", "policy", seed=3)
-    cfg = EvaluateConfig(policy=str(tiny_policy_dir), baseline=str(other), judge=str(_judge(tmp_path, tiny_policy_dir)),
-                         max_tokens=4, temperature=1.0, batch_size=1, kl_samples=0,
+    cfg = EvaluateConfig(policy=str(tiny_policy_dir), baseline=str(other),
+                         judge=str(_judge(tmp_path, tiny_policy_dir)), max_tokens=4, temperature=1.0, batch_size=1, kl_samples=0,
                          constitution=str(REPO / "constitutions" / "harmless.yaml"))
     ref_store = Store(_copy(train_base, tmp_path / "ref"))
     ref = run_evaluate(ref_store, cfg, plot=False)
     assert ref["prompts"] == 2
-    # batch_size 1: one comparison per judge call, so the kill after the first leaves the second to do
-    store = _fault_run(["evaluate", "--no-plot", *_set_args(cfg)], train_base, tmp_path / "fault", "comparisons:1")
-    before = Store(train_base).scalar("SELECT count(*) FROM comparisons")
-    assert ref_store.scalar("SELECT count(*) FROM comparisons") == before + 2
-    assert store.scalar("SELECT count(*) FROM comparisons") == before + 1  # killed after the first
+    # batch_size 1: four generation writes (two prompts, policy then baseline), then the judge's
+    before = Store(train_base).scalar("SELECT count(*) FROM generations")
+    assert ref_store.scalar("SELECT count(*) FROM generations") == before + 4
+    k = random.Random("evaluate").randint(1, 4)
+    store = _fault_run(["evaluate", "--no-plot", *_set_args(cfg)], train_base, tmp_path / "fault",
+                       f"generations:{k}")
+    assert store.scalar("SELECT count(*) FROM generations") == before + k
     done = run_evaluate(store, cfg, plot=False)
     assert _statuses(store, "evaluate") == ["stale", "ok"]
     assert done["metrics"] == ref["metrics"]
@@ -502,6 +504,6 @@ def test_evaluate_killed_while_judging_resumes_to_the_uninterrupted_evaluation(
             for r in rows.values():
                 for c in ("details", "params"):
                     if isinstance(r.get(c), str) and r[c].startswith("{"):
-                        r[c] = {k: v for k, v in json.loads(r[c]).items() if not k.endswith("run_id")}
-        diff = {(k, c): (got[k][c], want[k][c]) for k in got for c in got[k] if got[k][c] != want[k][c]}
+                        r[c] = {n: v for n, v in json.loads(r[c]).items() if not n.endswith("run_id")}
+        diff = {(i, c): (got[i][c], want[i][c]) for i in got for c in got[i] if got[i][c] != want[i][c]}
         assert not diff, (table, list(diff.items())[:5])
