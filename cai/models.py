@@ -340,6 +340,9 @@ def resolve_in_store(store, name_or_path: str) -> tuple[str, str]:
     path = resolve(name)
     if name in BUILTIN or not Path(path).exists():
         return name, path  # built-in name or hub id
+    for builtin in BUILTIN:  # the built-in model's folder, named by its path: the built-in id
+        if Path(path) == builtin_path(builtin).resolve():
+            return builtin, path
     if store.path.exists() and (trained := _trained_model_at(store, path)):
         return trained, path
     return local_model_id(path), path

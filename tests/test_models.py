@@ -130,6 +130,7 @@ def test_resolve_in_store_ids(tmp_path, store, tiny_policy_dir):
     folder = str(Path(tiny_policy_dir).resolve())
     content_id = models.local_model_id(folder)
     assert models.resolve_in_store(store, models.DEFAULT_MODEL)[0] == models.DEFAULT_MODEL
+    assert models.resolve_in_store(store, str(models.builtin_path(models.DEFAULT_MODEL)))[0] == models.DEFAULT_MODEL
     assert models.resolve_in_store(store, folder) == (content_id, folder)
     # A folder an older cai registered under its path gets its content id now.
     store.register_model(folder, "base", folder)
