@@ -319,7 +319,7 @@ def _curve(store: Store, run_id: str) -> dict[tuple, float]:
 def _same_curve(got: dict, want: dict, tol: float = 1e-6) -> None:
     assert got.keys() <= want.keys() and got, (sorted(got), sorted(want))
     for k, v in got.items():
-        assert v == pytest.approx(want[k], abs=tol, rel=tol) or (v is None and want[k] is None), (k, v, want[k])
+        assert (v is None and want[k] is None) or v == pytest.approx(want[k], abs=tol, rel=tol), (k, v, want[k])
 
 
 def _same_weights(a: str | Path, b: str | Path) -> None:
