@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from cai.models import DEFAULT_MODEL, resolve_in_store
+from cai.models import DEFAULT_MODEL, register_sources, resolve_in_store
 from cai.ppo import Batch, models_root, response_logits, token_logprobs
 from cai.store import Store, content_hash
 from cai.training import (
@@ -437,6 +437,7 @@ def _run_dpo(store: Store, cfg: DPOConfig, *, progress: bool, plot: bool,
                                                   "params": params}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)  # (its checkpoints too: the model supersedes them)
     tmp.rename(out_dir)
+    register_sources(store, (policy_id, policy_path), (ref_id, ref_path))
     store.register_model(model_id, "policy", str(out_dir), base_model_id=policy_id, parent_ids=[policy_id, ref_id],
                          params=params,
                          data_snapshot={"train_pairs": len(train), "comparison_ids_hash": data_hash,

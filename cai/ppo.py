@@ -63,7 +63,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from cai import runs
-from cai.models import DEFAULT_MODEL, resolve_in_store
+from cai.models import DEFAULT_MODEL, register_sources, resolve_in_store
 from cai.store import Store, content_hash, now
 from cai.training import (
     AdapterOptions,
@@ -1418,6 +1418,8 @@ def _run_ppo(store: Store, cfg: PPOConfig, *, reward: Reward | None, progress: b
         "train_reward_last": sum(rewards[-k:]) / k if rewards else None,
         "seconds": round(time.time() - started, 1),
     })
+    register_sources(store, (policy_id, policy_path), (ref_id, ref_path), (reward_id, reward_path),
+                     (value_id, value_path))
     store.register_model(model_id, "policy", str(out_dir), base_model_id=policy_id,
                          parent_ids=[policy_id, reward_id, ref_id], params=hyper,
                          data_snapshot={"train_prompts": len(prompts),

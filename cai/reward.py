@@ -46,7 +46,7 @@ from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from cai import training
-from cai.models import resolve_in_store
+from cai.models import register_sources, resolve_in_store
 from cai.rm import collate, encode, load_sequence_classifier, load_tokenizer, sequence_rewards, write_meta
 from cai.store import Store, content_hash
 from cai.training import (
@@ -427,6 +427,7 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
     if (out_dir / "cai_reward.json").exists():  # finished before: make sure it is registered, do nothing else
         meta = json.loads((out_dir / "cai_reward.json").read_text())
         check_same_training(out_dir, meta, fingerprint, "comparison_ids_hash", snapshot)
+        register_sources(store, (base_id, base_path))
         store.register_model(model_id, "reward", str(out_dir.resolve()), base_model_id=base_id, parent_ids=[base_id],
                              params=meta.get("params"), data_snapshot=meta.get("data_snapshot"))
         return summary | {"already_trained": True, "offset": meta.get("offset"),
@@ -561,6 +562,7 @@ def _train_reward(store: Store, cfg: RewardConfig, *, progress: bool, stop_after
         write_meta(out_dir, {"model_id": model_id, "fingerprint": fingerprint, "offset": offset, "base_model": base_id, "chat_template": True,
                              "max_length": cfg.max_length, "truncation": "left", "pooling": "last_token",
                              "params": params, "data_snapshot": snapshot, "val_metrics": val_metrics})
+        register_sources(store, (base_id, base_path))
         store.register_model(model_id, "reward", str(out_dir.resolve()), base_model_id=base_id, parent_ids=[base_id],
                              params=params, data_snapshot=snapshot, run_id=run_id)
         shutil.rmtree(ckpt_dir, ignore_errors=True)

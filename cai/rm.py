@@ -146,12 +146,14 @@ class RewardModel:
     def load(cls, name: str | Path, *, store: Store | None = None, device: str | None = None,
              dtype=None) -> RewardModel:
         """From a folder, or a model id registered in ``store`` (default: ``$CAI_DB``)."""
-        from cai.models import resolve_in_store
+        from cai.models import local_model_id, resolve_in_store
 
         name = str(name)
         folder = Path(name).expanduser()
         if (folder / "config.json").exists():
-            model_id, path = name, str(folder.resolve())
+            # a cai-trained folder names itself in its meta file; any other folder gets its content id
+            path = str(folder.resolve())
+            model_id = name if (folder / META_FILE).exists() else local_model_id(folder)
         else:
             model_id, path = resolve_in_store(store or Store(), name)
         meta_file = Path(path) / META_FILE

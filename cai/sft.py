@@ -43,7 +43,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from cai import training
-from cai.models import DEFAULT_MODEL, resolve_in_store
+from cai.models import DEFAULT_MODEL, register_sources, resolve_in_store
 from cai.store import Store, content_hash
 from cai.training import (
     Dist,
@@ -263,6 +263,7 @@ def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: 
     if (out_dir / META_FILE).exists():  # finished before: make sure it is registered, do nothing else
         meta = json.loads((out_dir / META_FILE).read_text())
         check_same_training(out_dir, meta, fingerprint, "revision_ids_hash", snapshot)
+        register_sources(store, (base_id, base_path))
         store.register_model(model_id, "policy", str(out_dir.resolve()), base_model_id=base_id, parent_ids=[base_id],
                              params=meta.get("params"), data_snapshot=meta.get("data_snapshot"))
         return summary | {"already_trained": True, "val": meta.get("val_metrics"),
@@ -374,6 +375,7 @@ def _run_sft(store: Store, cfg: SFTConfig, *, progress: bool, stop_after_steps: 
             "format": "cai-sft/1", "model_id": model_id, "base_model": base_id, "params": params,
             "fingerprint": fingerprint,
             "data_snapshot": snapshot, "val_metrics": val_metrics}, indent=2, default=str))
+        register_sources(store, (base_id, base_path))
         store.register_model(model_id, "policy", str(out_dir.resolve()), base_model_id=base_id, parent_ids=[base_id],
                              params=params, data_snapshot=snapshot, run_id=run_id)
         shutil.rmtree(ckpt_dir, ignore_errors=True)

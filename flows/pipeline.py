@@ -222,12 +222,54 @@ def run_stages(cfg: PipelineConfig, stages: list[str]) -> dict[str, Any]:
 
 
 @flow(name="cai_pipeline", log_prints=True)
-def cai_pipeline(run_file: str = "pipeline.yaml", stages: list[str] | None = None) -> dict[str, Any]:
-    """ingest → generate → critique → sft → label → train-rm → ppo/dpo → evaluate, as the run file says."""
+def cai_pipeline(run_file: str = "pipeline.yaml", stages: list[str] | None = None,
+                 allow_untrusted_code: bool = False) -> dict[str, Any]:
+    """ingest → generate → critique → sft → label → train-rm → ppo/dpo → evaluate, as the run file says.
+    ``allow_untrusted_code``: see ``guard_run_file`` (only a deployment's own parameter counts)."""
     cfg = load_pipeline(run_file)
     todo = [s for s in cfg.ordered_stages() if stages is None or s in stages]
+    guard_run_file(cfg, run_file, todo, allow_untrusted_code)
     with store_writer_slot():
         return run_stages(cfg, todo)
+
+
+# ---- run files that run code of their own (cai.trust) --------------------------------------------
+def current_deployment_id() -> str | None:
+    """The Prefect deployment this flow run belongs to; None for a plain call (`cai run`, tests)."""
+    from prefect.runtime import deployment
+
+    dep_id = deployment.id
+    return str(dep_id) if dep_id else None
+
+
+def deployment_allows_untrusted_code(deployment_id: str) -> bool:
+    """Whether the deployment itself (what `cai deploy` registered from flows/prefect.yaml) sets
+    ``allow_untrusted_code: true``. Read from the server, so a value passed for one flow run does not
+    count; any error reading it counts as no (fail closed)."""
+    from prefect.client.orchestration import get_client
+
+    from cai.trust import ALLOW_PARAMETER
+
+    try:
+        with get_client(sync_client=True) as client:
+            params = client.read_deployment(deployment_id).parameters or {}
+    except Exception:  # noqa: BLE001 - unknown deployment, server unreachable: not allowed
+        return False
+    return params.get(ALLOW_PARAMETER) is True
+
+
+def guard_run_file(cfg: PipelineConfig, run_file: str, stages: list[str], allow_untrusted_code: bool) -> None:
+    """Inside a Prefect deployment, refuse a run file whose stages run code that is not cai's (a
+    ``python:`` reward, ``trust_remote_code``, ...) unless the deployment allows it: the flow run's
+    ``allow_untrusted_code`` is true and so is the deployment's own parameter. `cai run` is never refused."""
+    from cai.trust import load_judge_specs, refuse_untrusted_code
+
+    dep_id = current_deployment_id()
+    if dep_id is None:
+        return
+    allowed = allow_untrusted_code and deployment_allows_untrusted_code(dep_id)
+    refuse_untrusted_code(cfg, run_file, in_deployment=True, allowed=allowed, stages=stages,
+                          judge_specs=load_judge_specs(cfg, stages), asked_per_run=allow_untrusted_code and not allowed)
 
 
 def store_writer_slot():

@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from cai.pipeline import load_pipeline
 from cai.store import Store
-from flows.pipeline import run_stages
+from flows.pipeline import current_deployment_id, deployment_allows_untrusted_code, guard_run_file, run_stages
 
 
 def relabel_markdown(diff_md: str | None, results: dict[str, Any]) -> str:
@@ -41,7 +41,7 @@ def relabel_markdown(diff_md: str | None, results: dict[str, Any]) -> str:
 
 @flow(name="relabel_changed", log_prints=True)
 def relabel_changed(run_file: str = "flows/demo.yaml", constitution: str | None = None,
-                    critique: bool = True) -> dict[str, Any]:
+                    critique: bool = True, allow_untrusted_code: bool = False) -> dict[str, Any]:
     """After editing the constitution: show the diff, redo only the revisions and labels it touched."""
     from cai.label import find_constitution
     from cai.versions import diff_versions, from_constitution, newest_stored
@@ -50,6 +50,8 @@ def relabel_changed(run_file: str = "flows/demo.yaml", constitution: str | None 
     update = {"changed": True, **({"constitution": constitution} if constitution else {})}
     cfg.label = cfg.label.model_copy(update=update)
     cfg.critique = cfg.critique.model_copy(update=update)
+    stages = (["critique"] if critique and "critique" in cfg.stages else []) + ["label"]
+    guard_run_file(cfg, run_file, stages, allow_untrusted_code)  # deployed runs: no code from the run file
     store = Store(cfg.db) if cfg.db else Store()
     new = find_constitution(cfg.label.constitution)
     old = newest_stored(store, new.name, exclude=new.hash)
@@ -57,7 +59,6 @@ def relabel_changed(run_file: str = "flows/demo.yaml", constitution: str | None 
     if diff_md:
         create_markdown_artifact(key="cai-constitution-diff", markdown=diff_md,
                                  description=f"constitution {new.name}: what changed")
-    stages = (["critique"] if critique and "critique" in cfg.stages else []) + ["label"]
     results = run_stages(cfg, stages)
     md = relabel_markdown(diff_md, results)
     create_markdown_artifact(key="cai-relabel-changed", markdown=md, description="cai label --changed")
@@ -68,14 +69,21 @@ def relabel_changed(run_file: str = "flows/demo.yaml", constitution: str | None 
 @flow(name="audit_constitution", log_prints=True)
 def audit_constitution(constitution: str = "constitutions/harmless.yaml",
                        against: str = "../shared/data/hh_harmless_dev.jsonl", judge: str = "multiple-choice",
-                       limit: int | None = 200, db: str | None = None, batch_size: int = 16) -> dict[str, Any]:
+                       limit: int | None = 200, db: str | None = None, batch_size: int = 16,
+                       allow_untrusted_code: bool = False) -> dict[str, Any]:
     """Each principle against human-labelled pairs; the report as a markdown artifact."""
     from cai.audit import audit_against
     from cai.label import find_constitution, judge_engine, load_spec
     from cai.models import resolve_in_store
+    from cai.trust import code_uses, untrusted_error
 
-    store = Store(db) if db else Store()
     spec = load_spec(judge)
+    uses = code_uses({"engine_options": spec.engine_options}, f"judge spec {judge}")
+    if uses and (dep := current_deployment_id()) and not (allow_untrusted_code and
+                                                          deployment_allows_untrusted_code(dep)):
+        raise untrusted_error(f"judge spec {judge}", uses, asked_per_run=allow_untrusted_code,
+                              local=f"cai constitution audit --judge {judge}")
+    store = Store(db) if db else Store()
     model_id, path = resolve_in_store(store, spec.model)
     report = audit_against(store, find_constitution(constitution), against, spec, judge_engine(spec, path),
                            model_id=model_id, limit=limit, batch_size=batch_size)

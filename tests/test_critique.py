@@ -25,6 +25,7 @@ from cai.critique import (
 )
 from cai.generate import GenerateConfig, run_generate
 from cai.ingest import ingest_file
+from cai.models import local_model_id
 from cai.store import now
 
 CAI = str(Path(sys.executable).parent / "cai")
@@ -197,7 +198,7 @@ def test_rounds_are_batched_recorded_and_reported(generated, engine, tiny_policy
         p = constitution.principle(r["principle_id"])
         assert r["principle_id"] == pick_principle(constitution, 0, r["generation_id"], r["round"]).id
         assert r["critique_request"] == p.critique and r["revision_request"] == p.revision
-        assert r["constitution_hash"] == constitution.hash and r["model_id"] == str(tiny_policy_dir.resolve())
+        assert r["constitution_hash"] == constitution.hash and r["model_id"] == local_model_id(tiny_policy_dir)
         assert r["status"] in STATUSES and (r["status"] == "ok" or r["reason"])
         assert r["raw_revision"] is not None and r["revision_tokens"] >= 1 and r["engine"] == "transformers"
         params = json.loads(r["params"])
@@ -238,7 +239,7 @@ def _add_round_one(store, constitution, model_id, phash, status: str):
 def test_round_two_builds_on_stored_round_one(generated, engine, tiny_policy_dir, constitution_path, constitution,
                                               status):
     c = cfg(tiny_policy_dir, constitution_path, rounds=2)
-    model_id = str(tiny_policy_dir.resolve())
+    model_id = local_model_id(tiny_policy_dir)
     round_one = {r["generation_id"]: r for r in _add_round_one(generated, constitution, model_id,
                                                                c.params_hash(constitution), status)}
     rec = Recording(engine)
@@ -290,7 +291,7 @@ def test_interrupted_run_resumes_with_missing_rounds_only(generated, engine, tin
 
 def test_sl_cai_view_takes_the_last_ok_round(generated, tiny_policy_dir, constitution_path, constitution):
     c = cfg(tiny_policy_dir, constitution_path)
-    model_id = str(tiny_policy_dir.resolve())
+    model_id = local_model_id(tiny_policy_dir)
     phash = c.params_hash(constitution)
     _add_round_one(generated, constitution, model_id, phash, "ok")
     gid = generated.scalar("select min(generation_id) from generations")

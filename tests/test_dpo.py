@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cai.dpo import DPOConfig, dpo_loss, run_dpo
+from cai.models import local_model_id
 from cai.store import content_hash, now
 
 
@@ -96,7 +97,7 @@ def test_dpo_loss_falls_and_margin_rises_with_soft_labels(store, tiny_policy_dir
     assert sum(margin[-3:]) / 3 > sum(margin[:3]) / 3 + 5.0, margin
     assert summary["eval_loss_end"] < summary["eval_loss_start"]
     row = store.query("SELECT * FROM models WHERE model_id = ?", [summary["model_id"]])[0]
-    policy_id = str(Path(tiny_policy_dir).resolve())
+    policy_id = local_model_id(tiny_policy_dir)
     assert row["kind"] == "policy" and row["parent_ids"] == [policy_id, policy_id]
     assert json.loads(row["params"])["label_mode"] == label_mode
     assert Path(row["path"], "model.safetensors").exists() and Path(summary["plot"]).exists()

@@ -18,6 +18,7 @@ from cai.evaluate import (
     response_logprob_sums,
     run_evaluate,
 )
+from cai.models import local_model_id, register_sources
 from cai.store import Store, now
 from cai.testing import build_tiny_model
 
@@ -187,13 +188,14 @@ def eval_store(store, tmp_path, tiny_policy_dir, tiny_reward_dir, peaked_policy_
     f = tmp_path / "prompts.jsonl"
     f.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     ingest_file(store, f)
-    base = str(Path(tiny_policy_dir).resolve())
+    base, rm = local_model_id(tiny_policy_dir), local_model_id(tiny_reward_dir)
+    register_sources(store, (base, str(tiny_policy_dir)), (rm, str(tiny_reward_dir)))
     run_id = store.start_run("ppo", {})
     store.insert("metrics", [{"run_id": run_id, "model_id": "ppo-tiny", "step": s, "split": "train", "name": n,
                               "value": v, "created_at": now()}
                              for s in range(5) for n, v in (("reward", 0.1 * s), ("kl", 0.05 * s * s))])
     store.register_model("ppo-tiny", "policy", str(peaked_policy_dir), base_model_id=base,
-                         parent_ids=[base, str(tiny_reward_dir), base], params={"reward": str(tiny_reward_dir)},
+                         parent_ids=[base, rm, base], params={"reward": str(tiny_reward_dir)},
                          run_id=run_id)
     store.finish_run(run_id)
     return store
@@ -220,8 +222,8 @@ def test_run_evaluate_writes_rows_report_and_plots_and_reruns_write_nothing(
 
     # Defaults: the newest policy, its parent as baseline, the reward model it was trained against.
     assert s["policy_id"] == "ppo-tiny"
-    assert s["baseline_id"] == str(Path(tiny_policy_dir).resolve())
-    assert s["reward_model_id"] == str(tiny_reward_dir)
+    assert s["baseline_id"] == local_model_id(tiny_policy_dir)
+    assert s["reward_model_id"] == local_model_id(tiny_reward_dir)
     assert s["prompts"] == 6  # the test split only
     json.dumps(s)  # JSON-able
 
@@ -245,7 +247,7 @@ def test_run_evaluate_writes_rows_report_and_plots_and_reruns_write_nothing(
     g = view["gold_reward_delta"]
     gd = json.loads(g["details"])
     assert g["n"] == 6 and g["stderr"] > 0 and gd["ci_low"] < g["value"] < gd["ci_high"]
-    assert gd["gold_rm_id"] == str(gold) and gd["paired_by"] == "prompt"
+    assert gd["gold_rm_id"] == local_model_id(gold) and gd["paired_by"] == "prompt"
     assert view["win_rate"]["n"] == 6 and json.loads(view["win_rate"]["details"])["ci_high"] <= 1
     # XSTest prompts are evaluation-only: split 'benchmark', never in the test split's sample.
     assert store.query("SELECT DISTINCT split FROM prompts WHERE category LIKE 'xstest%'") == [{"split": "benchmark"}]

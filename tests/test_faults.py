@@ -4,9 +4,10 @@ marked (``stale`` after SIGKILL, ``interrupted`` after SIGTERM).
 
 Covered: generate (SIGKILL), critique (SIGKILL), label (SIGTERM), ingest (SIGKILL after its single batch),
 each killed after a batch drawn by a seeded random and compared row by row (less run_id / created_at) with
-one shared uninterrupted run; two `cai run`s on one store at once; a stage writing while `cai sql` holds a
-long read-only query. The trainers' kill-and-resume tests live in test_sft.py, test_reward.py and
-test_pipeline.py (see the note above the critique test)."""
+one shared uninterrupted run; the training stages sft, dpo, ppo (SIGKILL), train_rm (SIGTERM) and evaluate
+(SIGKILL), each killed after a seeded random metrics (evaluate: comparisons) write and compared with an
+uninterrupted run (see the section below); two `cai run`s on one store at once; a stage writing while
+`cai sql` holds a long read-only query."""
 
 from __future__ import annotations
 
@@ -283,3 +284,226 @@ def test_a_stage_writing_while_cai_sql_holds_a_long_query_waits_or_fails_cleanly
     store = Store(db)
     assert _rows(store, "prompts", "prompt_id") == _rows(ref, "prompts", "prompt_id")
     assert store.scalar("SELECT count(*) FROM runs WHERE status = 'running'") == 0
+
+
+# ---- the training stages (and evaluate) ------------------------------------------------------------
+# One base store (SL-CAI pairs for sft; labelled comparisons for train_rm and dpo; their prompts for ppo and
+# evaluate), copied per run. Each test: an uninterrupted run in-process, then on a fresh copy the stage's
+# own command killed in a subprocess after a seeded random write (CAI_FAULT=metrics:K: trainers write
+# their curves step by step), the same config re-run in-process, and the two stores compared. The kill
+# lands after a committed metrics batch and before the next checkpoint save, so a trainer that resumes
+# (sft, train_rm, ppo) replays the steps since its last checkpoint; dpo has no checkpoints and starts over.
+# On CPU with one thread every trainer here is bit-deterministic on resume (the RNG state is in the
+# checkpoint, each step's data order and sampling seed depend on the step alone), so the finished run's
+# curve must equal the uninterrupted run's at every step it logged (timings aside) and the saved weights
+# must be equal tensors.
+
+TIMING = ("seconds", "per_second")
+
+
+def _set_args(cfg) -> list[str]:
+    """The stage config as `--set KEY=JSON` flags (every command takes them): the killed command runs the
+    config of the in-process runs exactly."""
+    return [a for k, v in cfg.model_dump(mode="json", exclude_defaults=True).items()
+            for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
+def _curve(store: Store, run_id: str) -> dict[tuple, float]:
+    """(step, split, metric) -> value of one run, timings left out; asserts one row per key."""
+    rows = store.query("SELECT step, split, metric, value FROM training_curves WHERE run_id = ?", [run_id])
+    keys = [(r["step"], r["split"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys)), f"duplicate training_curves rows in {run_id}"
+    return {k: r["value"] for k, r in zip(keys, rows, strict=True) if not any(t in k[2] for t in TIMING)}
+
+
+def _same_curve(got: dict, want: dict, tol: float = 1e-6) -> None:
+    assert got.keys() <= want.keys() and got, (sorted(got), sorted(want))
+    for k, v in got.items():
+        assert (v is None and want[k] is None) or v == pytest.approx(want[k], abs=tol, rel=tol), (k, v, want[k])
+
+
+def _same_weights(a: str | Path, b: str | Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _one_model_one_ok_run(store: Store, stage: str, model_id: str) -> dict:
+    assert store.scalar("SELECT count(*) FROM models WHERE model_id = ?", [model_id]) == 1
+    (ok,) = store.query("SELECT * FROM runs WHERE stage = ? AND status = 'ok'", [stage])
+    assert store.scalar("SELECT count(*) FROM runs WHERE status = 'running'") == 0
+    return ok
+
+
+@pytest.fixture(scope="module")
+def train_base(tmp_path_factory) -> Path:
+    from test_dpo import POLITE, RUDE, add_pairs
+    from test_sft import add_sl_pairs
+
+    root = tmp_path_factory.mktemp("train")
+    store = Store(root / "base" / "cai.duckdb")
+    store.init()
+    add_sl_pairs(store, root, rounds=1)
+    questions = ["How do I boil an egg?", "What is a prime number?", "Explain rain.", "How do plants grow?",
+                 "What is DNS?", "Why is the sky blue?", "How do magnets work?", "What is a list in Python?"]
+    pairs = [(q, POLITE[i % 3], RUDE[i % 3], 0.9, "train") if i % 2 else (q, RUDE[i % 3], POLITE[i % 3], 0.2, "train")
+             for i, q in enumerate(questions)]
+    pairs += [("What is an atom?", POLITE[0], RUDE[1], 0.85, "test"), ("How do birds fly?", RUDE[2], POLITE[1], 0.1,
+                                                                       "test")]
+    add_pairs(store, pairs)
+    return store.path
+
+
+def _fault_run(stage_args: list[str], base: Path, where: Path, fault: str) -> Store:
+    db = _copy(base, where)
+    t0 = time.time()
+    killed = _cai(stage_args, db, fault=fault)
+    print(f"killed {stage_args[0]} after {time.time() - t0:.1f} s")  # shown with -s: where the time goes
+    assert killed.returncode != 0, killed.stdout[-2000:]
+    return Store(db)
+
+
+def _env_one_thread(monkeypatch) -> None:
+    # the killed subprocess and the in-process runs compute with the same thread count
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def one_torch_thread(monkeypatch):
+    import torch
+
+    _env_one_thread(monkeypatch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sft_killed_midway_resumes_from_its_checkpoint_to_the_uninterrupted_model(
+        tmp_path, tiny_policy_dir, train_base, one_torch_thread):
+    from cai.sft import SFTConfig, run_sft
+
+    cfg = SFTConfig(base_model=str(tiny_policy_dir), max_steps=6, batch_size=2, lr=1e-2, warmup_ratio=0.0,
+                    val_fraction=0.0, save_every=2, log_every=1, max_length=64)
+    ref = run_sft(Store(_copy(train_base, tmp_path / "ref")), cfg, progress=False)
+    k = random.Random("sft").randint(3, 5)  # after step k's metrics (past the step-2 checkpoint)
+    store = _fault_run(["sft", *_set_args(cfg)], train_base, tmp_path / "fault", f"metrics:{k}")
+    assert store.scalar("SELECT max(step) FROM metrics") == k
+    done = run_sft(store, cfg, progress=False)  # the re-run, in-process
+    assert done["model_id"] == ref["model_id"]
+    assert done.get("resumed_from_step", 0) == 2 * ((k - 1) // 2)  # the last checkpoint before the kill
+    assert _statuses(store, "sft") == ["stale", "ok"]
+    ok = _one_model_one_ok_run(store, "sft", done["model_id"])
+    _same_curve(_curve(store, ok["run_id"]), _curve(Store(tmp_path / "ref" / "cai.duckdb"), ref["run_id"]))
+    _same_weights(done["path"], ref["path"])
+
+
+def test_train_rm_stopped_by_sigterm_resumes_from_its_checkpoint_to_the_uninterrupted_model(
+        tmp_path, tiny_reward_dir, train_base, one_torch_thread):
+    from cai.reward import RewardConfig, train_reward
+
+    cfg = RewardConfig(base_model=str(tiny_reward_dir), max_steps=6, batch_size=2, lr=2e-3, warmup_ratio=0.0,
+                       val_fraction=0.0, save_every=2, log_every=1, max_length=64)
+    ref = train_reward(Store(_copy(train_base, tmp_path / "ref")), cfg, progress=False)
+    k = random.Random("train_rm").randint(3, 5)  # past the first checkpoint (step 2)
+    store = _fault_run(["train-rm", *_set_args(cfg)], train_base, tmp_path / "fault", f"metrics:{k}:SIGTERM")
+    done = train_reward(store, cfg, progress=False)
+    assert done["model_id"] == ref["model_id"] and done.get("resumed_from_step", 0) == 2 * ((k - 1) // 2)
+    assert _statuses(store, "train_rm") == ["interrupted", "ok"]  # SIGTERM: the run closed itself
+    ok = _one_model_one_ok_run(store, "train_rm", done["model_id"])
+    _same_curve(_curve(store, ok["run_id"]), _curve(Store(tmp_path / "ref" / "cai.duckdb"), ref["run_id"]))
+    _same_weights(done["path"], ref["path"])
+    assert done["offset"] == ref["offset"]
+
+
+def test_dpo_killed_midway_starts_over_to_the_uninterrupted_model(tmp_path, tiny_policy_dir, train_base,
+                                                                   one_torch_thread):
+    from cai.dpo import DPOConfig, run_dpo
+
+    cfg = DPOConfig(policy=str(tiny_policy_dir), epochs=2, batch_size=4, micro_batch_size=2, learning_rate=5e-3,
+                    eval_every=2, max_prompt_tokens=32, max_response_tokens=16)
+    ref = run_dpo(Store(_copy(train_base, tmp_path / "ref")), cfg, progress=False, plot=False)
+    writes = 1 + ref["steps"] + ref["steps"] // cfg.eval_every  # eval at 0, every step, evals, (final eval last)
+    k = random.Random("dpo").randint(1, writes - 1)
+    store = _fault_run(["dpo", *_set_args(cfg)], train_base, tmp_path / "fault", f"metrics:{k}")
+    assert not (tmp_path / "fault" / "models" / ref["model_id"]).exists()  # no half-written model folder
+    done = run_dpo(store, cfg, progress=False, plot=False)  # no checkpoints: the re-run starts over
+    assert done["model_id"] == ref["model_id"]
+    assert _statuses(store, "dpo") == ["stale", "ok"]
+    ok = _one_model_one_ok_run(store, "dpo", done["model_id"])
+    ref_curve = _curve(Store(tmp_path / "ref" / "cai.duckdb"), ref["run_id"])
+    got = _curve(store, ok["run_id"])
+    assert got.keys() == ref_curve.keys()
+    _same_curve(got, ref_curve)
+    _same_weights(done["path"], ref["path"])
+
+
+def test_ppo_killed_midway_resumes_its_run_from_the_checkpoint_to_the_uninterrupted_policy(
+        tmp_path, tiny_policy_dir, train_base, one_torch_thread):
+    from cai import runs
+    from cai.ppo import PPOConfig, run_ppo
+
+    cfg = PPOConfig(policy=str(tiny_policy_dir), reward="python:cai.ppo:reward_brevity", steps=4, batch_size=4,
+                    minibatch_size=2, ppo_epochs=1, max_new_tokens=4, temperature=1.0, eval_split=None,
+                    save_every=2, learning_rate=1e-3, num_samples=2, sample_every=1)
+    ref = run_ppo(Store(_copy(train_base, tmp_path / "ref")), cfg, progress=False, plot=False)
+    # After step k-1's metrics (one write per step), past the first checkpoint (saved after step 1):
+    # killed before any checkpoint, a trainer simply starts over (the dpo test shows that case).
+    k = random.Random("ppo").randint(3, cfg.steps)
+    store = _fault_run(["ppo", *_set_args(cfg)], train_base, tmp_path / "fault", f"metrics:{k}")
+    (killed,) = store.query("SELECT run_id, status FROM runs WHERE stage = 'ppo'")
+    assert killed["status"] == "running" and runs.reap_stale(store) == 1  # `cai runs` marks it
+    assert _statuses(store, "ppo") == ["stale"]
+    done = run_ppo(store, cfg, progress=False, plot=False)
+    # PPO resumes the killed run itself (same run id, from its last checkpoint; the rows it logged after
+    # that checkpoint are dropped and redone), so the one run ends 'ok' with the resume point recorded.
+    assert done["model_id"] == ref["model_id"] and done["run_id"] == killed["run_id"]
+    assert done["resumed_from_step"] == 2
+    assert _statuses(store, "ppo") == ["ok"]
+    ok = _one_model_one_ok_run(store, "ppo", done["model_id"])
+    assert json.loads(ok["summary"])["resumed_from_step"] == done["resumed_from_step"]
+    ref_store = Store(tmp_path / "ref" / "cai.duckdb")
+    got, want = _curve(store, ok["run_id"]), _curve(ref_store, ref["run_id"])
+    assert got.keys() == want.keys()
+    _same_curve(got, want)
+    samples = "SELECT step, split, response, reward FROM samples WHERE run_id = ? ORDER BY step, split, response"
+    assert store.query(samples, [ok["run_id"]]) == ref_store.query(samples, [ref["run_id"]])
+    _same_weights(done["path"], ref["path"])
+
+
+def test_evaluate_killed_midway_resumes_to_the_uninterrupted_evaluation(
+        tmp_path, tiny_policy_dir, train_base, one_torch_thread):
+    from cai.evaluate import EvaluateConfig, run_evaluate
+    from cai.testing import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "baseline", "policy", seed=3)
+    cfg = EvaluateConfig(policy=str(tiny_policy_dir), baseline=str(other),
+                         judge=str(_judge(tmp_path, tiny_policy_dir)), max_tokens=4, temperature=1.0, batch_size=1, kl_samples=0,
+                         constitution=str(REPO / "constitutions" / "harmless.yaml"))
+    ref_store = Store(_copy(train_base, tmp_path / "ref"))
+    ref = run_evaluate(ref_store, cfg, plot=False)
+    assert ref["prompts"] == 2
+    # batch_size 1: four generation writes (two prompts, policy then baseline), then the judge's
+    before = Store(train_base).scalar("SELECT count(*) FROM generations")
+    assert ref_store.scalar("SELECT count(*) FROM generations") == before + 4
+    k = random.Random("evaluate").randint(1, 4)
+    store = _fault_run(["evaluate", "--no-plot", *_set_args(cfg)], train_base, tmp_path / "fault",
+                       f"generations:{k}")
+    assert store.scalar("SELECT count(*) FROM generations") == before + k
+    done = run_evaluate(store, cfg, plot=False)
+    assert _statuses(store, "evaluate") == ["stale", "ok"]
+    assert done["metrics"] == ref["metrics"]
+    for table, key in (("evaluations", "evaluation_id"), ("comparisons", "comparison_id"),
+                       ("generations", "generation_id")):
+        got, want = _rows(store, table, key), _rows(ref_store, table, key)
+        assert got.keys() == want.keys(), table
+        for rows in (got, want):  # JSON columns name the run that wrote the row (details.run_id, ...)
+            for r in rows.values():
+                for c in ("details", "params"):
+                    if isinstance(r.get(c), str) and r[c].startswith("{"):
+                        r[c] = {n: v for n, v in json.loads(r[c]).items() if not n.endswith("run_id")}
+        diff = {(i, c): (got[i][c], want[i][c]) for i in got for c in got[i] if got[i][c] != want[i][c]}
+        assert not diff, (table, list(diff.items())[:5])

@@ -11,6 +11,7 @@ import pytest
 
 from cai.generate import GenerateConfig, run_generate
 from cai.ingest import ingest_file
+from cai.models import local_model_id
 
 CAI = str(Path(sys.executable).parent / "cai")
 
@@ -32,7 +33,7 @@ def test_generates_n_samples_with_lineage(loaded, tiny_policy_dir):
     assert len(rows) == 18
     r = rows[0]
     assert r["stage"] == "initial" and r["engine"] == "transformers"
-    assert r["model_id"] == str(tiny_policy_dir.resolve())
+    assert r["model_id"] == local_model_id(tiny_policy_dir)
     assert json.loads(r["params"])["max_tokens"] == 8 and r["params_hash"]
     assert len(r["token_ids"]) == len(r["logprobs"]) == r["num_tokens"] <= 8
     assert all(lp <= 0 for lp in r["logprobs"])

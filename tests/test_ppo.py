@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cai.models import local_model_id
 from cai.ppo import (
     Batch,
     KLController,
@@ -255,7 +256,7 @@ def test_ppo_learns_a_verifiable_reward_and_keeps_kl_under_target(prompt_store, 
 
     # the final policy: a plain HF checkpoint, registered with its parents and hyper-parameters
     row = store.query("SELECT * FROM models WHERE model_id = ?", [summary["model_id"]])[0]
-    policy_id = str(structured_policy_dir.resolve())
+    policy_id = local_model_id(structured_policy_dir)
     assert row["kind"] == "policy" and row["base_model_id"] == policy_id
     assert row["parent_ids"] == [policy_id, "python:cai.ppo:reward_spaces", policy_id]
     assert json.loads(row["params"])["learning_rate"] == 1e-3
@@ -333,7 +334,7 @@ def test_reward_model_and_critic_from_it(prompt_store, tiny_policy_dir, tiny_rew
                     max_new_tokens=4, eval_split=None)
     summary = run_ppo(prompt_store, cfg, progress=False, plot=False)
     params = json.loads(prompt_store.query("SELECT params FROM runs WHERE run_id = ?", [summary["run_id"]])[0]["params"])
-    assert params["value_id"] == params["reward_id"] == str(rm_dir.resolve())
+    assert params["value_id"] == params["reward_id"] == local_model_id(rm_dir)
 
 
 def test_cli_ppo(tmp_path, tiny_policy_dir, demo_prompt_files):

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig
 
 from cai.ingest import ingest_file
+from cai.models import local_model_id
 from cai.sft import IGNORE, SFTConfig, encode_example, load_sl_pairs, run_sft
 from cai.store import content_hash, now
 
@@ -144,7 +145,7 @@ def test_sft_lowers_loss_registers_model_and_generates(sl_store, tiny_policy_dir
     assert curves == [{"stage": "sft"}]
 
     (m,) = sl_store.query("select * from models where model_id = ?", [summary["model_id"]])
-    base_id = str(tiny_policy_dir.resolve())
+    base_id = local_model_id(tiny_policy_dir)
     assert m["kind"] == "policy" and m["parent_ids"] == [base_id] and m["base_model_id"] == base_id
     snapshot, params = json.loads(m["data_snapshot"]), json.loads(m["params"])
     assert snapshot["pairs"] == len(PAIRS) and snapshot["revision_ids_hash"]

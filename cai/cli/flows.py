@@ -36,7 +36,15 @@ def run(run_file: Annotated[Path, typer.Argument(help="Pipeline run file (YAML),
     if problems:
         fail(f"{run_file}: {len(problems)} problem(s) before any stage starts: " + "; ".join(problems))
     if check:
-        console.print(f"{run_file}: ok; stages: {', '.join(o for o in cfg.ordered_stages() if not only or o in only)}")
+        todo = [o for o in cfg.ordered_stages() if not only or o in only]
+        console.print(f"{run_file}: ok; stages: {', '.join(todo)}")
+        from cai.trust import ALLOW_PARAMETER, find_untrusted_code, load_judge_specs
+
+        uses = find_untrusted_code(cfg, todo, load_judge_specs(cfg, todo))
+        if uses:  # allowed here; say so before someone deploys it
+            console.print(f"note: it runs code that is not cai's ({'; '.join(map(str, uses))}): fine with `cai run`, "
+                          f"refused in a Prefect deployment unless the deployment sets `{ALLOW_PARAMETER}: true` "
+                          "(flows/prefect.yaml)", soft_wrap=True)
         return
     from cai.pipeline import StageFailed
     from flows.pipeline import run_pipeline
