@@ -298,11 +298,15 @@ def _run_dpo(store: Store, cfg: DPOConfig, *, progress: bool, plot: bool,
         reference = f"a frozen copy of {ref_id}"
     ref_lps = torch.zeros(len(pairs), 2, dtype=torch.float64)
     mine = list(range(len(pairs)))[dist.rank::dist.world]  # each process scores its share; a sum shares them
+    ref_bar = tqdm(total=len(mine), desc="dpo reference log-probs", unit="pair",
+                   disable=not progress or not dist.main)
     with policy.disable_adapter() if shares_weights else nullcontext():
         for i in range(0, len(mine), cfg.micro_batch_size):
             idx = mine[i:i + cfg.micro_batch_size]
             rc, rr = logps(ref, [pairs[j] for j in idx])
             ref_lps[idx] = torch.stack([rc, rr], 1).double().cpu()
+            ref_bar.update(len(idx))
+    ref_bar.close()
     ref_lps = dist.sum_tensor(ref_lps)
     for p, (c, r) in zip(pairs, ref_lps.tolist(), strict=True):
         p["ref_chosen"], p["ref_rejected"] = c, r

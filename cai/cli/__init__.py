@@ -4,6 +4,13 @@
 concern on it. They are imported here in the order the commands appear in `cai --help`.
 """
 
+import os
+
+# The machines cai runs on are often offline: Prefect's temporary server would otherwise log a failed
+# telemetry call every ten minutes. The user's own settings win.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 # The import order is the order of the commands in `cai --help`.
 # isort: off
 from cai.cli import models  # noqa: F401
