@@ -258,6 +258,7 @@ def _run_dpo(store: Store, cfg: DPOConfig, *, progress: bool, plot: bool,
     pairs = load_pairs(store, cfg)
     train = [p for p in pairs if p["split"] != "test"][:cfg.limit]
     held_out = [p for p in pairs if p["split"] == "test"]
+    pairs = train + held_out  # what `limit` left out is neither encoded nor scored by the reference
     if not train:
         raise LookupError(f"no preference pairs in {store.path} (probability >= {cfg.min_probability}); "
                           "label some comparisons with the judge first")
