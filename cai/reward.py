@@ -330,14 +330,10 @@ def build_model(path: str, tokenizer, cfg: RewardConfig, device: torch.device):
     model = load_sequence_classifier(path)
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        training.enable_gradient_checkpointing(model)
     if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
         # SEQ_CLS keeps the score head fully trainable (modules_to_save) next to the adapters.
-        model = get_peft_model(model, LoraConfig(
-            task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules))
+        model = training.add_lora(model, cfg, "SEQ_CLS")
     if cfg.train_layers is not None:
         freeze_below_top(model, cfg.train_layers)
     return model.to(device)

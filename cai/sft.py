@@ -197,15 +197,9 @@ def build_model(path: str, cfg: SFTConfig, device: torch.device):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        training.enable_gradient_checkpointing(model)
     if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        if cfg.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(
-            task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules))
+        model = training.add_lora(model, cfg, "CAUSAL_LM")
     return model.to(device)
 
 

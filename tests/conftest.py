@@ -67,3 +67,20 @@ def brief_policy_dir(tmp_path_factory, smol_path) -> Path:
     from cai.testing import build_tiny_model, train_brief
 
     return train_brief(build_tiny_model(tmp_path_factory.mktemp("tiny") / "brief", "policy"))
+
+
+@pytest.fixture
+def causal_lm_loads(monkeypatch) -> list:
+    """The folders ``AutoModelForCausalLM.from_pretrained`` is called with during the test (to count
+    model copies: with LoRA the reference must be the policy itself, not a second load)."""
+    from transformers import AutoModelForCausalLM
+
+    loads: list = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0])
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    return loads

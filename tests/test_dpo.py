@@ -103,22 +103,14 @@ def test_dpo_loss_falls_and_margin_rises_with_soft_labels(store, tiny_policy_dir
     assert Path(row["path"], "model.safetensors").exists() and Path(summary["plot"]).exists()
 
 
-def test_dpo_lora_trains_with_the_policy_as_its_own_reference(store, tiny_policy_dir, one_thread, monkeypatch):
+def test_dpo_lora_trains_with_the_policy_as_its_own_reference(store, tiny_policy_dir, one_thread, causal_lm_loads):
     """lora + gradient checkpointing: the margin rises, one model is ever loaded (the reference is the
     policy with its adapters disabled), and the saved folder is a plain merged model."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     questions = ["How do I boil an egg?", "What is a prime number?", "Explain rain.", "How do plants grow?"]
     add_pairs(store, [(q, POLITE[i % 3], RUDE[i % 3], 0.9, "train") for i, q in enumerate(questions)])
-    loads = []
-    real = AutoModelForCausalLM.from_pretrained.__func__
-
-    def counting(cls, *args, **kwargs):
-        loads.append(args[0])
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    loads = causal_lm_loads
     cfg = DPOConfig(policy=str(tiny_policy_dir), lora=True, lora_r=8, gradient_checkpointing=True, epochs=6,
                     batch_size=4, micro_batch_size=2, learning_rate=2e-2, beta=0.1, seed=0)
     summary = run_dpo(store, cfg, progress=False, plot=False)

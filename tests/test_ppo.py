@@ -436,21 +436,14 @@ def test_vllm_rollout_memory_fraction_and_sleep_mode_from_the_config(caplog):
 
 
 def test_ppo_lora_gradient_checkpointing_one_policy_copy_resume_and_a_plain_saved_model(
-        prompt_store, tiny_policy_dir, tiny_reward_dir, one_thread, monkeypatch):
+        prompt_store, tiny_policy_dir, tiny_reward_dir, one_thread, causal_lm_loads):
     """lora + gradient checkpointing on the actor and the critic: the reference is the policy with its
     adapters off (one causal LM loaded), a run stopped by a fault resumes from its adapter checkpoint,
     and the saved policy is a plain merged model."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    loads = []
-    real = AutoModelForCausalLM.from_pretrained.__func__
-
-    def counting(cls, *args, **kwargs):
-        loads.append(args[0])
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    loads = causal_lm_loads
     cfg = PPOConfig(policy=str(tiny_policy_dir), value_model=str(tiny_reward_dir), lora=True, lora_r=4,
                     gradient_checkpointing=True, steps=3, batch_size=4, minibatch_size=2, ppo_epochs=1,
                     max_new_tokens=4, temperature=1.0, eval_split=None, save_every=2, learning_rate=1e-3)
